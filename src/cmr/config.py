@@ -1,0 +1,140 @@
+"""Typed, closed settings: one frozen pydantic model per ``params.yaml`` section.
+
+An unknown key is an error naming the key, where it is, and the nearest valid key.
+The config object stops at the entry points (stages, CLI, flows); library
+functions take explicit arguments.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cmr.errors import ConfigError
+from cmr.registry import nearest
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataCfg(Section):
+    reader: str = "openclipart"
+    source: str = "data/raw/openclipart_mini"
+    options: dict = Field(default_factory=dict)  # reader keyword arguments, checked by the reader
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1)
+    split_seed: int = 0
+    min_text_chars: int = Field(2, ge=1)
+    max_text_chars: int = Field(512, ge=1)
+
+
+class ModelCfg(Section):
+    arch: str = "lite0-minilm"
+    pretrained: str = "offline"  # 'offline' towers, an open_clip tag, or a checkpoint path
+    embed_dim: int = Field(256, ge=8)
+    lock_image: bool = True
+    lock_text: bool = True
+
+
+class TrainCfg(Section):
+    losses: dict[str, float] = Field(default_factory=lambda: {"infonce": 1.0})
+    loss_options: dict[str, dict] = Field(default_factory=dict)
+    epochs: int = Field(5, ge=0)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    #: validation metric that picks the best epoch (never the test split)
+    select_metric: str = "val/rsum"
+
+
+class CalibrateCfg(Section):
+    method: str = "sinkhorn"
+    options: dict = Field(default_factory=dict)
+    #: where the query bank comes from; 'test' is the transductive setting and is labelled so
+    query_bank: Literal["train", "val", "test"] = "train"
+    max_bank: int = Field(5000, ge=1)
+
+
+class IndexCfg(Section):
+    kind: str = "flat"
+    options: dict = Field(default_factory=dict)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvaluateCfg(Section):
+    ks: tuple[int, ...] = (1, 5, 10)
+    level: Literal["instance", "class", "identity"] = "instance"
+
+
+class RegisterCfg(Section):
+    model_name: str = "cmr-default"
+    metric: str = "val/rsum"
+    alias: str = "champion"
+
+
+class TrackingCfg(Section):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "cmr"
+
+
+class Params(Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    num_workers: int = Field(0, ge=0)
+    data: DataCfg = DataCfg()
+    model: ModelCfg = ModelCfg()
+    pretrain: TrainCfg = TrainCfg()
+    finetune: TrainCfg = TrainCfg()
+    calibrate: CalibrateCfg = CalibrateCfg()
+    index: IndexCfg = IndexCfg()
+    evaluate: EvaluateCfg = EvaluateCfg()
+    register: RegisterCfg = RegisterCfg()
+    tracking: TrackingCfg = TrackingCfg()
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            where = ".".join(str(p) for p in loc)
+            if err["type"] == "extra_forbidden":
+                parent = _model_at(Params, loc)
+                hint = nearest(loc[-1], parent.model_fields) if parent else ""
+                lines.append(f"{source}: unknown key '{where}'{hint}")
+            else:
+                lines.append(f"{source}: '{where}': {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return parse_params(raw, str(path))
