@@ -80,6 +80,22 @@ class TrackingCfg(Section):
     experiment: str = "cmr"
 
 
+class PathsCfg(Section):
+    """Every path the pipeline writes, written once; ``dvc.yaml`` reads them with ``${paths.*}``."""
+
+    prepared: str = "data/prepared"
+    validation: str = "data/reports/validation.json"
+    pretrained: str = "data/models/pretrain"
+    finetuned: str = "data/models/finetune"
+    embeddings: str = "data/embeddings"
+    calibration: str = "data/calibration"
+    index: str = "data/index"
+    metrics: str = "data/reports/metrics.json"
+    plots: str = "data/reports/plots"
+    registry: str = "data/reports/register.json"
+    cache: str = "data/cache"
+
+
 class Params(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -94,6 +110,7 @@ class Params(Section):
     evaluate: EvaluateCfg = EvaluateCfg()
     register: RegisterCfg = RegisterCfg()
     tracking: TrackingCfg = TrackingCfg()
+    paths: PathsCfg = PathsCfg()
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:

@@ -1,0 +1,1 @@
+"""The only package that talks to MLflow. Library code never imports it."""

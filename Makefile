@@ -1,0 +1,48 @@
+# The two commands of the README: `make run` (main job on the embedded default) and `make test`.
+# Both create .venv/ from requirements.lock (exact pins) when it is missing or stale.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# no network is the normal case here: telemetry and hub look-ups off by default
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install install-gpu run test test-slow test-all flow bench clean
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+install: $(VENV)/.installed
+
+# GPU FAISS replaces the CPU build (both provide the `faiss` module, never install both)
+install-gpu: install
+	$(BIN)/pip uninstall -y -q faiss-cpu
+	$(BIN)/pip install -q -e '.[gpu]'
+
+run: install
+	PATH=$(BIN):$$PATH dvc repro
+	PATH=$(BIN):$$PATH dvc metrics show
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: install
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+flow: install
+	$(BIN)/python flows/pipeline.py
+
+bench: install
+	$(BIN)/python benchmarks/bench_index.py
+	$(BIN)/python benchmarks/bench_sinkhorn.py

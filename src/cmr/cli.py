@@ -1,0 +1,113 @@
+"""``cmr``: run a stage, the whole pipeline, or search the latest index.
+
+    cmr stage finetune            # one stage, as dvc.yaml runs it
+    cmr pipeline                  # every stage in order, without DVC
+    cmr search "a red apple" --k 5
+    cmr search --image path.jpg --k 5
+    cmr list losses               # registered names (readers, losses, calibrators, indexes, archs)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from cmr.errors import CmrError
+
+STAGES = ("ingest", "validate", "pretrain", "finetune", "encode", "calibrate", "index", "evaluate", "register")
+
+
+def _registries() -> dict:
+    from cmr.data.readers import READERS
+    from cmr.losses import LOSSES
+    from cmr.models import list_architectures
+    from cmr.retrieval.calibrate import CALIBRATORS
+    from cmr.retrieval.index import INDEXES
+
+    return {"readers": READERS.names(), "losses": LOSSES.names(), "calibrators": CALIBRATORS.names(),
+            "indexes": INDEXES.names(), "archs": list_architectures()}
+
+
+def search(params_path: str, query: str | None, image: str | None, k: int) -> list[dict]:
+    """Top-``k`` gallery items for a text (text->image) or an image (image->text)."""
+    import torch
+    from PIL import Image
+
+    from cmr.config import load_params
+    from cmr.data.prepare import load_prepared
+    from cmr.io import read_json
+    from cmr.models import load_two_tower
+    from cmr.retrieval.index import load_index
+
+    p = load_params(params_path)
+    index_dir = Path(p.paths.index)
+    if not (index_dir / "gallery.json").exists():
+        raise CmrError(f"{index_dir}: no index yet; run `make run` (or `cmr pipeline`) first")
+    gallery = read_json(index_dir / "gallery.json")
+    bundle = load_two_tower(Path(p.paths.finetuned) / "model", device="cpu")
+    model = bundle.model.eval()
+    with torch.no_grad():
+        if image is not None:
+            if not Path(image).exists():
+                raise CmrError(f"{image}: image file not found")
+            q = model.encode_image(bundle.preprocess_val(Image.open(image).convert("RGB"))[None])
+            index = load_index(index_dir / "texts")
+        else:
+            q = model.encode_text(bundle.tokenizer([query]))
+            index = load_index(index_dir / "images")
+    if gallery["calibrated"]:  # the index carries a calibration bias as its last dimension
+        q = torch.cat([q, torch.ones(1, 1)], dim=1)
+    scores, ids = index.search(q.float().numpy(), k)
+    prepared = load_prepared(p.paths.prepared)
+    by_id = {it.id: it for it in prepared.items}
+    hits = []
+    for score, hit in zip(scores[0].tolist(), list(ids[0])):
+        item_id = str(hit).split("#")[0]
+        it = by_id.get(item_id)
+        text = gallery["texts"][int(str(hit).split("#")[1])] if "#" in str(hit) else (it.texts[0] if it and it.texts else "")
+        hits.append({"score": round(float(score), 4), "id": item_id, "text": text,
+                     "image": str(prepared.root / it.image) if it and it.image else None})
+    return hits
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cmr", description="Cross-modal retrieval study pipeline.")
+    ap.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("stage", help="run one pipeline stage")
+    st.add_argument("name", choices=STAGES)
+    sub.add_parser("pipeline", help="run every stage in order (what `dvc repro` runs, without DVC)")
+    se = sub.add_parser("search", help="search the latest index")
+    se.add_argument("query", nargs="?", help="text query (text -> image)")
+    se.add_argument("--image", help="image query (image -> text)")
+    se.add_argument("--k", type=int, default=5)
+    ls = sub.add_parser("list", help="registered names")
+    ls.add_argument("what", choices=("readers", "losses", "calibrators", "indexes", "archs"))
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "stage":
+            return importlib.import_module(f"cmr.stages.{args.name}").main(["--params", args.params])
+        if args.cmd == "pipeline":
+            for name in STAGES:
+                rc = importlib.import_module(f"cmr.stages.{name}").main(["--params", args.params])
+                if rc:
+                    return rc
+            return 0
+        if args.cmd == "search":
+            if (args.query is None) == (args.image is None):
+                ap.error("give either a text query or --image PATH")
+            for rank, hit in enumerate(search(args.params, args.query, args.image, args.k), 1):
+                print(f"{rank:2d}. {hit['score']:.4f}  {hit['id']}  {hit['text']!r}  {hit['image'] or ''}")
+            return 0
+        if args.cmd == "list":
+            print("\n".join(_registries()[args.what]))
+            return 0
+    except CmrError as e:
+        print(f"cmr: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

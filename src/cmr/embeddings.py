@@ -1,0 +1,54 @@
+"""The hand-off between training and retrieval: per-split embedding files.
+
+``<dir>/<split>.npz`` holds ``image`` [N, D] and ``text`` [T, D] (L2-normalised,
+float32), ``text_item`` [T] (item row of each text), ``ids`` [N], ``texts`` [T],
+``labels`` [N, C] multi-hot (C may be 0) and ``identity`` [N] (-1 when absent).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmr.errors import DataError
+from cmr.io import atomic_path
+
+
+@dataclass
+class SplitEmbeddings:
+    image: torch.Tensor
+    text: torch.Tensor
+    text_item: torch.Tensor
+    ids: list[str]
+    texts: list[str]
+    labels: torch.Tensor | None
+    identity: torch.Tensor | None
+
+
+def save_split(path: str | Path, e: SplitEmbeddings) -> None:
+    # a file object stops np.savez from appending '.npz' to the temporary name
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f, image=e.image.numpy().astype(np.float32), text=e.text.numpy().astype(np.float32),
+            text_item=e.text_item.numpy(), ids=np.asarray(e.ids, dtype=str), texts=np.asarray(e.texts, dtype=str),
+            labels=(e.labels.numpy() if e.labels is not None else np.zeros((len(e.ids), 0), np.float32)),
+            identity=(e.identity.numpy() if e.identity is not None else np.full(len(e.ids), -1)),
+        )
+
+
+def load_split(path: str | Path) -> SplitEmbeddings:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(str(path), "embeddings exist", "run the encode stage first")
+    with np.load(path, allow_pickle=False) as z:
+        labels = torch.from_numpy(z["labels"]) if z["labels"].shape[1] else None
+        identity = torch.from_numpy(z["identity"]) if (z["identity"] >= 0).any() else None
+        e = SplitEmbeddings(torch.from_numpy(z["image"]), torch.from_numpy(z["text"]),
+                            torch.from_numpy(z["text_item"]).long(), z["ids"].tolist(), z["texts"].tolist(),
+                            labels, identity)
+    if e.image.shape[1] != e.text.shape[1]:
+        raise DataError(str(path), "image and text embeddings share a dimension",
+                        f"image {tuple(e.image.shape)}, text {tuple(e.text.shape)}")
+    return e

@@ -1,0 +1,52 @@
+"""Stage encode: embed every split with the selected model; the embeddings are the hand-off."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from cmr.data.prepare import load_prepared
+from cmr.data.schema import SPLITS, by_split
+from cmr.embeddings import SplitEmbeddings, save_split
+from cmr.io import atomic_path
+from cmr.models import load_two_tower
+from cmr.config import Params
+from cmr.stages._common import log, resolve_device, stage_main
+from cmr.training.fit import backbone_id, split_features
+
+
+def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir: str | None) -> dict:
+    prepared = load_prepared(prepared_dir)
+    bundle = load_two_tower(Path(model_dir) / "model", device=device)
+    bid = backbone_id(Path(model_dir), "", "")
+    model = bundle.model.eval()
+    counts = {}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for split in SPLITS:
+            items = by_split(prepared.items, split)
+            if not items:
+                continue
+            fs = split_features(bundle, prepared, split, bid, device, cache_dir)
+            with torch.no_grad():
+                img = model.head_image(fs.image.to(device)).float().cpu()
+                txt = model.head_text(fs.text.to(device)).float().cpu()
+            texts = [t for it in items for t in it.texts] or [f"<features:{it.id}>" for it in items]
+            save_split(tmp / f"{split}.npz", SplitEmbeddings(img, txt, fs.text_item, [it.id for it in items],
+                                                           texts, fs.labels, fs.identity))
+            counts[split] = {"items": len(items), "texts": int(txt.shape[0])}
+    log(f"encode: {counts} -> {out_dir}")
+    return counts
+
+
+def from_params(p: Params):
+    return run(p.paths.prepared, p.paths.finetuned, p.paths.embeddings, resolve_device(p.device), p.paths.cache)
+
+
+def main(argv=None) -> int:
+    return stage_main("encode", from_params, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Stage pretrain: contrastive alignment of the two towers on the image-text pairs (towers lockable)."""
+from __future__ import annotations
+
+import sys
+
+from cmr.config import Params
+from cmr.data.prepare import load_prepared
+from cmr.stages._common import log, resolve_device, stage_main
+from cmr.training.fit import fit
+
+
+def run(p: Params, init_dir: str | None, section: str, out_dir: str) -> dict:
+    """Train with the settings of ``params.<section>`` (pretrain or finetune) and save to ``out_dir``."""
+    cfg = getattr(p, section)
+    result = fit(
+        load_prepared(p.paths.prepared), out_dir, arch=p.model.arch, pretrained=p.model.pretrained,
+        embed_dim=p.model.embed_dim, init_dir=init_dir, lock_image=p.model.lock_image, lock_text=p.model.lock_text,
+        losses=cfg.losses, loss_options=cfg.loss_options, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, select_metric=cfg.select_metric, seed=p.seed,
+        device=resolve_device(p.device), amp=p.amp, level=p.evaluate.level, ks=p.evaluate.ks,
+        cache_dir=p.paths.cache, log=lambda m: log(f"{section}: {m}"),
+    )
+    return {"best_epoch": result.best_epoch, **result.best}
+
+
+def from_params(p: Params):
+    return run(p, None, "pretrain", p.paths.pretrained)
+
+
+def main(argv=None) -> int:
+    return stage_main("pretrain", from_params, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""One MLflow run per pipeline execution; model registration and the champion alias.
+
+The run gets the params, every metric of the DVC metrics file, the training
+histories as nested runs (one per training stage, metrics per epoch), the
+validation report, plots and calibration as artifacts, and provenance tags (git
+commit, data version, DVC hash). The alias moves only when the new model beats the
+champion on the validation metric *measured on the same validation data*; if the
+data changed since the champion was registered, the champion is re-scored on the
+current validation split first. The run says why the alias did or did not move.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from cmr.tracking.pyfunc import TwoTowerEncoder  # noqa: E402
+
+
+def metric_key(name: str) -> str:
+    """MLflow metric names allow letters, digits, _ - . / and space: 'R@1' becomes 'R_at_1'."""
+    return re.sub(r"[^\w\-./ ]", "_", name.replace("@", "_at_"))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def configure(uri: str, experiment: str) -> str:
+    """Point MLflow at ``uri`` (sqlite under mlruns/ by default); artifacts live beside it."""
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        root = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path("mlruns")
+        return client.create_experiment(experiment, artifact_location=(root.resolve() / "artifacts").as_uri())
+    return exp.experiment_id
+
+
+@dataclass
+class Decision:
+    moved: bool
+    reason: str
+    version: str
+    previous: str | None
+
+
+def champion_score(client: MlflowClient, model_name: str, alias: str, metric: str, data_version: str,
+                   rescore: Callable[[str], float]) -> tuple[str | None, float | None, str]:
+    """(champion version, its validation score on the current data, how that score was obtained)."""
+    try:
+        mv = client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None, None, "no champion yet"
+    run = client.get_run(mv.run_id)
+    if run.data.tags.get("data_version") == data_version and metric_key(metric) in run.data.metrics:
+        return mv.version, run.data.metrics[metric_key(metric)], "logged on the same data version"
+    return mv.version, rescore(f"models:/{model_name}/{mv.version}"), "re-scored on the current validation split"
+
+
+def log_pipeline_run(*, uri: str, experiment: str, run_name: str, params: dict, metrics: dict,
+                     histories: dict[str, list[dict]], artifacts: dict[str, str], model_dir: str,
+                     tags: dict[str, str], model_name: str, alias: str, select_metric: str,
+                     rescore: Callable[[str], float], pip_requirements: list[str]) -> dict:
+    exp_id = configure(uri, experiment)
+    client = MlflowClient()
+    flat = flatten(metrics)
+    new_score = flat[select_metric]
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
+        mlflow.log_params({k: str(v)[:5000] for k, v in flatten(params, "").items()})
+        mlflow.log_metrics({metric_key(k): float(v) for k, v in flat.items() if isinstance(v, (int, float))})
+        for stage, history in histories.items():
+            with mlflow.start_run(experiment_id=exp_id, run_name=stage, nested=True, tags=tags):
+                for row in history:
+                    mlflow.log_metrics({metric_key(k): float(v) for k, v in row.items()
+                                        if k != "epoch" and isinstance(v, (int, float))}, step=int(row["epoch"]))
+        for name, path in artifacts.items():
+            p = Path(path)
+            if p.is_dir():
+                mlflow.log_artifacts(str(p), artifact_path=name)
+            elif p.exists():
+                mlflow.log_artifact(str(p), artifact_path=name)
+        info = mlflow.pyfunc.log_model(name="model", python_model=TwoTowerEncoder(),
+                                       artifacts={"model_dir": str(Path(model_dir) / "model")},
+                                       pip_requirements=pip_requirements, registered_model_name=model_name)
+        version = str(info.registered_model_version)
+        prev, prev_score, how = champion_score(client, model_name, alias, select_metric,
+                                               tags.get("data_version", ""), rescore)
+        if prev is None or new_score > prev_score:
+            client.set_registered_model_alias(model_name, alias, version)
+            why = (f"moved to v{version}: {select_metric}={new_score:.4f}" +
+                   ("" if prev is None else f" > champion v{prev}'s {prev_score:.4f} ({how})") +
+                   ("" if prev is not None else " (no champion yet)"))
+            decision = Decision(True, why, version, prev)
+        else:
+            why = (f"kept v{prev}: new v{version} {select_metric}={new_score:.4f} <= champion's "
+                   f"{prev_score:.4f} ({how})")
+            decision = Decision(False, why, version, prev)
+        mlflow.set_tag("champion_decision", decision.reason)
+        client.set_model_version_tag(model_name, version, "champion_decision", decision.reason)
+        return {"run_id": run.info.run_id, "experiment_id": exp_id, "model_name": model_name, "version": version,
+                "alias_moved": decision.moved, "decision": decision.reason, "previous_champion": decision.previous,
+                select_metric: new_score}
+
+
+def latest_data_version(uri: str, model_name: str) -> str | None:
+    """``data_version`` tag of the run behind the newest registered version of ``model_name``."""
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return None
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: int(v.version))
+    return client.get_run(newest.run_id).data.tags.get("data_version")

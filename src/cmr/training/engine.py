@@ -1,0 +1,203 @@
+"""Training loops for the two-tower model, with model selection on validation only.
+
+Two paths share the loss and the selection logic:
+
+* ``train_heads``: towers locked, backbone features precomputed once
+  (:mod:`cmr.training.features`); only the heads, ``logit_scale`` and the loss's own
+  parameters (proxies, classifiers) are trained.
+* ``train_towers``: at least one tower unlocked; images are decoded and augmented
+  every step (the GPU path; AMP with bfloat16 on CUDA).
+
+Each epoch is evaluated on the validation split; the state with the best
+``select_metric`` is restored at the end. The test split is never seen here.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from cmr.losses import LossInputs
+from cmr.retrieval.evaluation import evaluate_embeddings
+from cmr.training.features import FeatureSet, _tokens_to, load_image
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # one dict per epoch: loss parts, val metrics, seconds
+    best_epoch: int = 0  # 0 = the starting state (no epoch improved on it)
+    best: dict = field(default_factory=dict)  # validation metrics of the selected state
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _pair_batches(fs: FeatureSet, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Batches of text rows, shuffled: every (text, its item) pair once per epoch."""
+    order = torch.randperm(fs.text.shape[0], generator=gen)
+    n_full = max(1, len(order) // batch_size)
+    # drop the ragged tail: a 3-pair batch gives a noisy contrastive gradient
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_full)]
+
+
+def _loss_inputs(img, txt, logit_scale, item, fs: FeatureSet) -> LossInputs:
+    return LossInputs(
+        image=img, text=txt, logit_scale=logit_scale, item=item,
+        labels=None if fs.labels is None else fs.labels[item],
+        identity=None if fs.identity is None else fs.identity[item],
+    )
+
+
+@torch.no_grad()
+def head_embeddings(model, fs: FeatureSet, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    return model.head_image(fs.image.to(device)).float().cpu(), model.head_text(fs.text.to(device)).float().cpu()
+
+
+def validate(model, fs: FeatureSet, device: str, level: str, ks: Sequence[int]) -> dict[str, float]:
+    img, txt = head_embeddings(model, fs, device)
+    return evaluate_embeddings(img, txt, fs.text_item, level, fs.labels, fs.identity, ks)
+
+
+def _optimizer(model, loss_fn, lr, weight_decay):
+    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # biases, norms, logit_scale: decaying them hurts
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def _cosine(opt, total_steps: int, warmup: int):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _select(model, loss_fn, epochs: int, run_epoch: Callable[[int], dict], evaluate: Callable[[], dict],
+            select_metric: str, log: Callable[[str], None]) -> TrainResult:
+    key = select_metric.removeprefix("val/")
+    result = TrainResult()
+    best = evaluate()
+    if key not in best:
+        raise KeyError(f"select_metric {select_metric!r} is not a validation metric; have {sorted(best)}")
+    result.best = best
+    best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(loss_fn.state_dict()))
+    log(f"epoch 0: val {key}={best[key]:.2f}")
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        parts = run_epoch(epoch)
+        metrics = evaluate()
+        result.history.append({"epoch": epoch, **{f"train/{k}": v for k, v in parts.items()},
+                               **{f"val/{k}": v for k, v in metrics.items()},
+                               "seconds": time.perf_counter() - t0})
+        log(f"epoch {epoch}: loss={parts.get('loss', float('nan')):.4f} val {key}={metrics[key]:.2f}")
+        if metrics[key] > result.best[key]:
+            result.best, result.best_epoch = metrics, epoch
+            best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(loss_fn.state_dict()))
+    model.load_state_dict(best_state[0])
+    loss_fn.load_state_dict(best_state[1])
+    return result
+
+
+def train_heads(model, loss_fn, train: FeatureSet, val: FeatureSet, *, epochs: int, batch_size: int, lr: float,
+                weight_decay: float, select_metric: str, seed: int, device: str = "cpu", level: str = "instance",
+                ks: Sequence[int] = (1, 5, 10), log: Callable[[str], None] = print) -> TrainResult:
+    """Train heads (+ logit_scale + loss parameters) on cached backbone features."""
+    gen = seed_everything(seed)
+    model.to(device)
+    loss_fn.to(device)
+    steps = epochs * max(1, train.text.shape[0] // batch_size)
+    opt = _optimizer(model, loss_fn, lr, weight_decay)
+    sched = _cosine(opt, steps, warmup=max(1, steps // 20))
+    img_all, txt_all = train.image.to(device), train.text.to(device)
+
+    def run_epoch(_epoch):
+        model.train()
+        loss_fn.train()
+        sums: dict[str, float] = {}
+        batches = _pair_batches(train, batch_size, gen)
+        for rows in batches:
+            item = train.text_item[rows]
+            img = model.head_image(img_all[item.to(device)])
+            txt = model.head_text(txt_all[rows.to(device)])
+            total, parts = loss_fn(_loss_inputs(img, txt, model.logit_scale.exp(), item.to(device), _on(train, device)))
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
+                model.logit_scale.clamp_(0, math.log(100))
+            for k, v in {"loss": float(total), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v / len(batches)
+        return sums
+
+    return _select(model, loss_fn, epochs, run_epoch, lambda: validate(model, val, device, level, ks),
+                   select_metric, log)
+
+
+def _on(fs: FeatureSet, device: str) -> FeatureSet:
+    return FeatureSet(fs.image, fs.text, fs.text_item,
+                      None if fs.labels is None else fs.labels.to(device),
+                      None if fs.identity is None else fs.identity.to(device))
+
+
+def train_towers(model, loss_fn, tokenizer, preprocess_train, encode_val: Callable[[], FeatureSet],
+                 train_items, root: Path, train_fs: FeatureSet, *, epochs: int, batch_size: int, lr: float,
+                 weight_decay: float, select_metric: str, seed: int, device: str = "cpu", amp: bool = True,
+                 level: str = "instance", ks: Sequence[int] = (1, 5, 10),
+                 log: Callable[[str], None] = print) -> TrainResult:
+    """Fine-tune with at least one tower unlocked; images decoded and augmented each step.
+
+    ``train_fs`` supplies text_item/labels/identity of the train split (its feature
+    tensors are unused); ``encode_val`` returns validation *head* embeddings as a FeatureSet.
+    """
+    gen = seed_everything(seed)
+    model.to(device)
+    loss_fn.to(device)
+    texts = [t for it in train_items for t in it.texts]
+    steps = epochs * max(1, len(texts) // batch_size)
+    opt = _optimizer(model, loss_fn, lr, weight_decay)
+    sched = _cosine(opt, steps, warmup=max(1, steps // 20))
+    use_amp = amp and device.startswith("cuda")
+    labels_fs = _on(train_fs, device)
+
+    def run_epoch(_epoch):
+        model.train()
+        loss_fn.train()
+        sums: dict[str, float] = {}
+        batches = _pair_batches(train_fs, batch_size, gen)
+        for rows in batches:
+            item = train_fs.text_item[rows]
+            pixels = torch.stack([preprocess_train(load_image(root, train_items[i].image)) for i in item.tolist()])
+            pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            tokens = _tokens_to(tokenizer([texts[r] for r in rows.tolist()]), device)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+                img, txt = model.encode_image(pixels), model.encode_text(tokens)
+            total, parts = loss_fn(_loss_inputs(img.float(), txt.float(), model.logit_scale.exp(),
+                                                item.to(device), labels_fs))
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            for k, v in {"loss": float(total), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v / len(batches)
+        return sums
+
+    def evaluate():
+        fs = encode_val()
+        return evaluate_embeddings(fs.image, fs.text, fs.text_item, level, fs.labels, fs.identity, ks)
+
+    return _select(model, loss_fn, epochs, run_epoch, evaluate, select_metric, log)

@@ -1,0 +1,150 @@
+"""Backbone features of a prepared dataset: the cache point of the frozen-tower path.
+
+When both towers are locked, every epoch would recompute the same backbone outputs;
+computing them once and training only the heads gives identical gradients at a
+fraction of the cost. The cache is content-addressed (backbone spec + data version +
+item ids), so a stale entry can never be read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cmr.data.schema import Item
+from cmr.io import atomic_path
+
+
+@dataclass
+class FeatureSet:
+    """Backbone (or head) outputs of one split.
+
+    image: [N, F] one row per item; text: [T, F] one row per text; text_item: [T] item
+    index of each text; labels: [N, C] multi-hot or None; identity: [N] or None.
+    """
+
+    image: torch.Tensor
+    text: torch.Tensor
+    text_item: torch.Tensor
+    labels: torch.Tensor | None = None
+    identity: torch.Tensor | None = None
+
+    def subset(self, item_rows: Sequence[int]) -> "FeatureSet":
+        """The items ``item_rows`` (re-indexed 0..len-1) with their texts."""
+        rows = torch.as_tensor(list(item_rows), dtype=torch.long)
+        remap = torch.full((self.image.shape[0],), -1, dtype=torch.long)
+        remap[rows] = torch.arange(len(rows))
+        keep = remap[self.text_item] >= 0
+        return FeatureSet(
+            image=self.image[rows],
+            text=self.text[keep],
+            text_item=remap[self.text_item[keep]],
+            labels=None if self.labels is None else self.labels[rows],
+            identity=None if self.identity is None else self.identity[rows],
+        )
+
+
+def label_matrix(items: Sequence[Item], label_set: Sequence[str]) -> torch.Tensor | None:
+    """[N, C] multi-hot float matrix, or None when the dataset has no labels."""
+    if not label_set:
+        return None
+    col = {lab: j for j, lab in enumerate(label_set)}
+    out = torch.zeros(len(items), len(label_set))
+    for i, it in enumerate(items):
+        for lab in it.labels:
+            out[i, col[lab]] = 1.0
+    return out
+
+
+def identity_vector(items: Sequence[Item]) -> torch.Tensor | None:
+    if not any(it.identity is not None for it in items):
+        return None
+    ids = {v: k for k, v in enumerate(sorted({str(it.identity) for it in items}))}
+    return torch.tensor([ids[str(it.identity)] for it in items], dtype=torch.long)
+
+
+def texts_of(items: Sequence[Item]) -> tuple[list[str], torch.Tensor]:
+    texts, owner = [], []
+    for i, it in enumerate(items):
+        texts.extend(it.texts)
+        owner.extend([i] * len(it.texts))
+    return texts, torch.tensor(owner, dtype=torch.long)
+
+
+def load_image(root: Path, rel: str) -> Image.Image:
+    with Image.open(root / rel) as im:
+        return im.convert("RGB")
+
+
+@torch.no_grad()
+def encode_batched(fn: Callable, inputs: Sequence, batch_size: int, collate: Callable) -> torch.Tensor:
+    outs = [fn(collate(inputs[i : i + batch_size])).float().cpu() for i in range(0, len(inputs), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def compute_backbone_features(
+    model, tokenizer, preprocess, items: Sequence[Item], root: Path, features: dict | None,
+    device: str, batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image [N, F_i], text [T, F_t], text_item [T]) backbone outputs in eval mode.
+
+    Precomputed-feature datasets (``features.npz``) bypass the towers: their rows are
+    the backbone features.
+    """
+    texts, text_item = texts_of(items)
+    if features is not None and "image" in features:
+        rows = [it.feature_row for it in items]
+        img = torch.as_tensor(np.asarray(features["image"])[rows], dtype=torch.float32)
+        if "text" in features:
+            txt = torch.as_tensor(np.asarray(features["text"])[rows], dtype=torch.float32)
+            return img, txt, torch.arange(len(items))
+        raise ValueError("a precomputed-feature dataset needs both 'image' and 'text' arrays")
+    model.eval()
+    to_device = lambda x: x.to(device, non_blocking=True)
+    img = encode_batched(
+        model.backbone_image,
+        [it.image for it in items],
+        batch_size,
+        lambda paths: to_device(torch.stack([preprocess(load_image(root, p)) for p in paths])).contiguous(
+            memory_format=torch.channels_last
+        ),
+    )
+    txt = encode_batched(
+        model.backbone_text,
+        texts,
+        2 * batch_size,
+        lambda batch: _tokens_to(tokenizer(list(batch)), device),
+    )
+    return img, txt, text_item
+
+
+def _tokens_to(tokens, device):
+    if isinstance(tokens, dict):
+        return {k: v.to(device) for k, v in tokens.items()}
+    return tokens.to(device)
+
+
+def cache_key(spec: dict, data_version: str, item_ids: Sequence[str]) -> str:
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
+    h.update(data_version.encode())
+    h.update("\n".join(item_ids).encode())
+    return h.hexdigest()[:24]
+
+
+def cached_backbone_features(cache_dir: str | Path | None, key: str, compute: Callable[[], tuple]) -> tuple:
+    """Return ``compute()``, memoised on disk under ``cache_dir/key.pt`` when a cache dir is given."""
+    if cache_dir is None:
+        return compute()
+    path = Path(cache_dir) / f"{key}.pt"
+    if path.exists():
+        return tuple(torch.load(path, weights_only=True))
+    out = compute()
+    with atomic_path(path) as tmp:
+        torch.save(list(out), tmp)
+    return out

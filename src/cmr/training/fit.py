@@ -1,0 +1,108 @@
+"""Build (or load) the two-tower model, train it on a prepared dataset, save it.
+
+Shared by the ``pretrain`` and ``finetune`` stages; they differ only in their
+settings and in where the model starts from.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from cmr.data.prepare import Prepared
+from cmr.data.schema import by_split
+from cmr.io import atomic_path, read_json, write_json
+from cmr.losses import build_loss
+from cmr.models import build_two_tower, load_two_tower, save_two_tower
+from cmr.training.engine import TrainResult, train_heads, train_towers
+from cmr.training.features import (FeatureSet, cache_key, cached_backbone_features, compute_backbone_features,
+                                   identity_vector, label_matrix)
+
+TRAINING_FILE = "training.json"
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def backbone_id(model_dir: Path | None, arch: str, pretrained: str) -> str:
+    """Names the backbone weights: the pretrained source, or the checkpoint once a tower was tuned."""
+    if model_dir is not None:
+        info = read_json(Path(model_dir) / TRAINING_FILE)
+        if info.get("backbone_tuned"):
+            return f"tuned:{file_digest(Path(model_dir) / 'model')}"
+        return info["backbone_id"]
+    return f"{arch}|{pretrained}"
+
+
+def split_features(bundle, prepared: Prepared, split: str, bid: str, device: str,
+                   cache_dir: str | None) -> FeatureSet:
+    """Backbone features of one split, memoised by backbone and data version."""
+    items = by_split(prepared.items, split)
+    key = cache_key({"backbone": bid}, prepared.info["data_version"], [it.id for it in items])
+    img, txt, owner = cached_backbone_features(
+        cache_dir, key,
+        lambda: compute_backbone_features(bundle.model, bundle.tokenizer, bundle.preprocess_val, items,
+                                          prepared.root, prepared.features, device))
+    return FeatureSet(img, txt, owner, label_matrix(items, prepared.label_set), identity_vector(items))
+
+
+def num_classes_for(prepared: Prepared, losses: dict) -> int:
+    """Classes a class-wise loss sees: the label set, or the train identities for person search."""
+    if any(name == "id" for name in losses) and not prepared.label_set:
+        return len({it.identity for it in by_split(prepared.items, "train")})
+    return len(prepared.label_set)
+
+
+def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_dim: int, init_dir: str | None,
+        lock_image: bool, lock_text: bool, losses: dict, loss_options: dict, epochs: int, batch_size: int,
+        lr: float, weight_decay: float, select_metric: str, seed: int, device: str, amp: bool, level: str,
+        ks: Sequence[int], cache_dir: str | None, log: Callable[[str], None]) -> TrainResult:
+    torch.manual_seed(seed)
+    if init_dir:
+        bundle = load_two_tower(Path(init_dir) / "model", device=device)
+        bid = backbone_id(Path(init_dir), arch, pretrained)
+    else:
+        bundle = build_two_tower(arch, pretrained=pretrained, embed_dim=embed_dim, device=device)
+        bid = backbone_id(None, arch, pretrained)
+    model = bundle.model
+    if lock_image:
+        model.lock_image_tower()
+    if lock_text:
+        model.lock_text_tower()
+    loss_fn = build_loss(losses, loss_options, model.embed_dim, num_classes_for(prepared, losses))
+    train_fs = split_features(bundle, prepared, "train", bid, device, cache_dir)
+    val_fs = split_features(bundle, prepared, "val", bid, device, cache_dir)
+    common = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                  select_metric=select_metric, seed=seed, device=device, level=level, ks=ks, log=log)
+    if lock_image and lock_text:
+        result = train_heads(model, loss_fn, train_fs, val_fs, **common)
+    else:
+        def encode_val() -> FeatureSet:
+            fresh = split_features(bundle, prepared, "val", f"live:{id(model)}", device, None)
+            model.eval()
+            with torch.no_grad():
+                return FeatureSet(model.head_image(fresh.image.to(device)).cpu(),
+                                  model.head_text(fresh.text.to(device)).cpu(),
+                                  fresh.text_item, fresh.labels, fresh.identity)
+
+        result = train_towers(model, loss_fn, bundle.tokenizer, bundle.preprocess_train, encode_val,
+                              by_split(prepared.items, "train"), prepared.root, train_fs, amp=amp, **common)
+    tuned = (not lock_image or not lock_text) or bid.startswith("tuned:")
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        save_two_tower(model.cpu(), bundle.spec, tmp / "model")
+        write_json(tmp / TRAINING_FILE, {
+            "backbone_id": bid, "backbone_tuned": tuned, "best_epoch": result.best_epoch,
+            "data_version": prepared.info["data_version"], "losses": losses, "seed": seed,
+        })
+        write_json(tmp / "history.json", result.history)
+        write_json(tmp / "metrics.json", {f"val/{k}": v for k, v in result.best.items()} |
+                   {"best_epoch": result.best_epoch})
+    return result
