@@ -1,0 +1,134 @@
+"""Read a source with a registered reader, assign leak-free splits, save and load the result.
+
+A prepared dataset is a folder::
+
+    items.jsonl    one Item per line (line n = row n in validation reports)
+    dataset.json   root (media paths are relative to it), label_set, info
+    features.npz   precomputed features, one (N, D) array per modality (when present)
+
+``info["data_version"]`` is a SHA-256 over the items, the bytes of every media file
+they name and the feature arrays: equal versions mean equal data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cmr.data.readers import READERS
+from cmr.data.schema import Item, read_items, write_items
+from cmr.data.splits import MEDIA_FIELDS, assign_splits, file_sha256, split_counts
+from cmr.errors import ConfigError, DataError
+from cmr.io import atomic_path, read_json, write_json
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Items with their splits; ``features[m]`` has shape (N, D_m), row = ``Item.feature_row``."""
+
+    items: list[Item]
+    root: Path
+    features: dict[str, np.ndarray] | None
+    label_set: list[str]
+    info: dict
+
+
+def data_version(items: list[Item], root: Path, features: dict[str, np.ndarray] | None) -> str:
+    """SHA-256 hex of the items (JSON, in order), the media file contents and the features."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps(it.to_json(), sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    media = sorted({rel for it in items for rel in (getattr(it, f) for f in MEDIA_FIELDS) if rel})
+    for rel in media:
+        path = root / rel
+        h.update(f"{rel}\x00{file_sha256(path) if path.is_file() else 'missing'}\n".encode())
+    for name in sorted(features or {}):
+        arr = np.ascontiguousarray(features[name])
+        h.update(f"{name}\x00{arr.dtype.str}\x00{arr.shape}\n".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def prepare_dataset(
+    reader: str,
+    source: str | Path,
+    options: dict,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> Prepared:
+    """Read ``source`` with ``READERS[reader](source, **options)`` and assign splits
+    (:func:`cmr.data.splits.assign_splits`)."""
+    try:
+        read = READERS.get(reader)
+    except KeyError as e:
+        raise ConfigError(f"data.reader: {e.args[0]}") from None
+    result = read(Path(source), **dict(options))
+    items = assign_splits(
+        result.items, val_fraction, test_fraction, seed, root=result.root, features=result.features
+    )
+    features = result.features
+    info = {
+        "name": result.name,
+        "reader": reader,
+        "source": str(source),
+        "options": dict(options),
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "counts": split_counts(items),
+        "n_texts": split_counts(it for it in items for _ in it.texts),
+        "feature_dims": {m: int(a.shape[1]) for m, a in sorted((features or {}).items())},
+        "data_version": data_version(items, result.root, features),
+    }
+    return Prepared(items, result.root, features, list(result.label_set), info)
+
+
+def _portable(root: Path) -> str:
+    """``root`` relative to the working directory when it can be, so the folder is portable."""
+    try:
+        return Path(os.path.relpath(Path(root).resolve(), Path.cwd().resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return str(Path(root).resolve())
+
+
+def save_prepared(p: Prepared, out_dir: str | Path) -> Path:
+    """Write ``out_dir`` (items.jsonl, dataset.json, features.npz) atomically; returns it."""
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        write_items(tmp / "items.jsonl", p.items)
+        if p.features:
+            with open(tmp / "features.npz", "wb") as f:
+                np.savez(f, **p.features)
+        write_json(
+            tmp / "dataset.json",
+            {"root": _portable(p.root), "label_set": list(p.label_set), "features": sorted(p.features or {}), "info": p.info},
+        )
+    return out_dir
+
+
+def load_prepared(out_dir: str | Path) -> Prepared:
+    """Read a folder written by :func:`save_prepared` (root resolved against the working directory)."""
+    out_dir = Path(out_dir)
+    meta_path = out_dir / "dataset.json"
+    if not meta_path.is_file():
+        raise DataError(str(meta_path), "file exists", "not a prepared dataset folder")
+    meta = read_json(meta_path)
+    for key in ("root", "label_set", "features", "info"):
+        if key not in meta:
+            raise DataError(str(meta_path), f"field '{key}' present")
+    features = None
+    if meta["features"]:
+        npz = out_dir / "features.npz"
+        if not npz.is_file():
+            raise DataError(str(npz), "file exists", f"dataset.json lists features {meta['features']}")
+        with np.load(npz, allow_pickle=False) as z:
+            features = {m: z[m] for m in meta["features"]}
+    items = read_items(out_dir / "items.jsonl")
+    return Prepared(items, Path(meta["root"]), features, list(meta["label_set"]), meta["info"])

@@ -1,0 +1,551 @@
+"""Dataset readers: turn a source folder (or file) into :class:`~cmr.data.schema.Item` lists.
+
+Every reader is registered in :data:`READERS` and called as ``fn(source, **options)``;
+it returns a :class:`ReadResult`. Readers keep the source's split when it has one
+(``split=""`` otherwise) and never decide train/val/test themselves: that is
+:func:`cmr.data.splits.assign_splits`' job, so every dataset is split by the same
+leak-free rule. Media paths in items are relative to ``ReadResult.root``.
+
+Bad input raises :class:`~cmr.errors.DataError` naming the file, the row (line or
+element number) or key, and the rule; an unknown option raises
+:class:`~cmr.errors.ConfigError` naming it.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from cmr.data.schema import SPLITS, Item
+from cmr.errors import ConfigError, DataError
+from cmr.registry import Registry, nearest
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """What a reader found.
+
+    ``features`` maps a modality name ("image", "text", ...) to an array of shape
+    (N, D_modality); row ``i`` belongs to the item whose ``feature_row`` is ``i``.
+    """
+
+    items: list[Item]
+    root: Path
+    features: dict[str, np.ndarray] | None
+    label_set: list[str]
+    name: str
+
+
+READERS: Registry[Callable[..., ReadResult]] = Registry("reader")
+
+
+def _reader(name: str):
+    """Register ``fn(source, *, opt=default, ...)``; unknown options become a ConfigError."""
+
+    def decorator(fn):
+        allowed = [p for p in inspect.signature(fn).parameters if p != "source"]
+
+        @functools.wraps(fn)
+        def wrapper(source, **options) -> ReadResult:
+            for key in options:
+                if key not in allowed:
+                    raise ConfigError(
+                        f"reader {name!r}: unknown option {key!r}{nearest(key, allowed)}; "
+                        f"allowed: {', '.join(allowed) or '(none)'}"
+                    )
+            return fn(Path(source), **options)
+
+        READERS.register(name)(wrapper)
+        return wrapper
+
+    return decorator
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON-lines file."""
+    if not path.is_file():
+        raise DataError(str(path), "file exists", "the reader needs this file")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}", "valid JSON", str(e)) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}", "one JSON object per line")
+            yield lineno, row
+
+
+def _load_json(path: Path):
+    if not path.is_file():
+        raise DataError(str(path), "file exists", "the reader needs this file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(str(path), "valid JSON", str(e)) from None
+
+
+def _require(row: dict, key: str, where: str):
+    if row.get(key) in (None, ""):
+        raise DataError(where, f"field '{key}' present", f"field '{key}' is missing or empty")
+    return row[key]
+
+
+def _unique_texts(*texts) -> tuple[str, ...]:
+    """Non-empty texts in order, each once (a description equal to the title adds nothing)."""
+    out: list[str] = []
+    for t in texts:
+        if isinstance(t, str) and t.strip() and t not in out:
+            out.append(t)
+    return tuple(out)
+
+
+def _label_set(items: list[Item]) -> list[str]:
+    """Sorted labels; numeric labels in numeric order ("2" before "10")."""
+    labels = {label for it in items for label in it.labels}
+    return sorted(labels, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+
+
+def _check_unique_ids(items: list[Item], where: str) -> None:
+    seen: set[str] = set()
+    for it in items:
+        if it.id in seen:
+            raise DataError(where, "ids unique", f"item id {it.id!r} occurs twice")
+        seen.add(it.id)
+
+
+def _from_items_jsonl(source: Path, to_item: Callable[[dict, str], Item | None]) -> ReadResult:
+    """Read ``source/items.jsonl`` (the shared-datasets layout) with ``to_item(row, where)``;
+    a None from ``to_item`` drops the row."""
+    path = source / "items.jsonl"
+    items = [it for lineno, row in _iter_jsonl(path) if (it := to_item(row, f"{path}:{lineno}")) is not None]
+    _check_unique_ids(items, str(path))
+    return ReadResult(items, source, None, _label_set(items), source.name)
+
+
+def _one_file(source: Path, pattern: str) -> Path:
+    """``source`` itself, or the single file matching ``pattern`` inside the folder ``source``."""
+    if source.is_file():
+        return source
+    found = sorted(source.glob(pattern))
+    if len(found) != 1:
+        raise DataError(str(source), f"exactly one {pattern}", f"found {len(found)}: {[p.name for p in found]}")
+    return found[0]
+
+
+# ---------------------------------------------------------------- openclipart
+
+#: Titles that name a collection or a theme rather than the picture (counts in the
+#: 6,843-item source: gramastar 1,375, Lemon SVG theme 411, card 226, ...). Such a
+#: caption is shared by hundreds of unrelated pictures and teaches nothing.
+COLLECTION_TITLES = frozenset(
+    t.casefold()
+    for t in (
+        "gramastar",
+        "Lemon SVG theme",
+        "card",
+        "AIGA_Symbol_Signs",
+        "Various Cliparts",
+        "Etiquette Icons",
+        "SVG Road Signs",
+        "gold-theme",
+        "R16 sibmission",
+        "blueberry - iconset",
+        "plastik-icon-theme",
+        "Sallite",
+    )
+)
+#: Title prefixes of collections ("Part of the Flat Icon Collection (Wed Aug 25 ...)",
+#: "Clipart by Nicu Buculei - jigsaw_red_10"): the rest is a date or a file name.
+COLLECTION_TITLE_PREFIXES = ("part of the flat icon collection (", "clipart by nicu buculei - ")
+
+
+#: Descriptions that say nothing about the picture: a bare e-mail address (118 items of
+#: one author), a collection note, or the licence boilerplate some authors pasted in.
+_NON_DESCRIPTIVE = re.compile(
+    r"^\S+@\S+\.\w+$|^part of .* collection$|^this work is hereby released into the public domain",
+    re.IGNORECASE,
+)
+
+
+def is_collection_title(title: str | None) -> bool:
+    """True when an openclipart title names a collection, not the picture."""
+    if not title:
+        return False
+    t = title.strip().casefold()
+    return t in COLLECTION_TITLES or t.startswith(COLLECTION_TITLE_PREFIXES)
+
+
+@_reader("openclipart")
+def read_openclipart(source: Path, keep_collection_titles: bool = False) -> ReadResult:
+    """Folder with ``items.jsonl`` (fields id, image, title, description, category,
+    also_linked_as, keywords, ...) and ``images/``.
+
+    texts = title, then the description when present, different and descriptive (not an
+    e-mail address, collection note or licence text); labels = the
+    category plus the categories of the symbolic links (``also_linked_as``), so a
+    frog filed under animals and signs_and_symbols has both labels.
+    """
+
+    def to_item(row: dict, where: str) -> Item | None:
+        if not keep_collection_titles and is_collection_title(row.get("title")):
+            return None
+        description = row.get("description")
+        if not (row.get("title") or description):
+            raise DataError(where, "title or description present", "both are missing")
+        if description and _NON_DESCRIPTIVE.match(description.strip()):
+            description = None
+        texts = _unique_texts(row.get("title"), description)
+        if not texts:
+            return None  # only a non-descriptive description: no caption to learn from
+        labels = {_require(row, "category", where)}
+        labels |= {linked.split("/", 1)[0] for linked in row.get("also_linked_as") or ()}
+        return Item(
+            id=_require(row, "id", where),
+            split="",
+            texts=texts,
+            labels=tuple(sorted(labels)),
+            image=_require(row, "image", where),
+            meta={"keywords": list(row.get("keywords") or ()), "subcategory": row.get("subcategory")},
+        )
+
+    return _from_items_jsonl(source, to_item)
+
+
+# ---------------------------------------------------------------- tuxpaint
+
+
+@_reader("tuxpaint")
+def read_tuxpaint(source: Path, audio_field: str = "sound") -> ReadResult:
+    """Tux Paint stamps: texts = ``text_en``, labels = ``category``, image, and audio from
+    ``audio_field`` (``sound``: the stamp's sound effect; ``spoken_en``: the spoken
+    description). Most stamps have neither, so ``audio`` is often None."""
+    if audio_field not in ("sound", "spoken_en"):
+        raise ConfigError(f"reader 'tuxpaint': option audio_field={audio_field!r}; allowed: 'sound', 'spoken_en'")
+    return _from_items_jsonl(
+        source,
+        lambda row, where: Item(
+            id=_require(row, "id", where),
+            split="",
+            texts=_unique_texts(_require(row, "text_en", where)),
+            labels=(_require(row, "category", where),),
+            image=_require(row, "image", where),
+            audio=row.get(audio_field),
+            meta={"subcategory": row.get("subcategory")},
+        ),
+    )
+
+
+# ---------------------------------------------------------------- gcompris
+
+
+@_reader("gcompris")
+def read_gcompris(source: Path) -> ReadResult:
+    """GCompris pictures: texts = the non-null of text, title, text2; labels = ``set``;
+    audio = ``sound`` (only instruments, farm animals and world music have one)."""
+    return _from_items_jsonl(
+        source,
+        lambda row, where: Item(
+            id=_require(row, "id", where),
+            split="",
+            texts=_unique_texts(row.get("text"), row.get("title"), row.get("text2")),
+            labels=(_require(row, "set", where),),
+            image=_require(row, "image", where),
+            audio=row.get("sound"),
+            meta={"image_license": row.get("image_license")},
+        ),
+    )
+
+
+# ---------------------------------------------------------------- COCO captions
+
+
+def _split_from_name(name: str, where: str) -> str:
+    for split in ("train", "val", "test"):
+        if name.startswith(split):
+            return split
+    raise DataError(where, "split named train*/val*/test*", f"cannot tell the split of {name!r}")
+
+
+@_reader("coco")
+def read_coco(source: Path) -> ReadResult:
+    """COCO captions: ``annotations/captions_<name>.json`` (e.g. ``captions_train2017.json``)
+    with the images of ``<name>`` in ``<source>/<name>/`` or ``<source>/images/<name>/``.
+
+    One item per image with at least one caption; texts = its captions in annotation-id
+    order; split from ``<name>`` (train*/val*). Item id = ``<name>/<image id>``.
+    """
+    files = sorted((source / "annotations").glob("captions_*.json"))
+    if not files:
+        raise DataError(str(source / "annotations"), "captions_<split>*.json present", "no caption file found")
+    items = []
+    for path in files:
+        name = path.stem.removeprefix("captions_")
+        split = _split_from_name(name, str(path))
+        image_dir = next((d for d in (Path(name), Path("images") / name) if (source / d).is_dir()), None)
+        if image_dir is None:
+            raise DataError(str(source / name), "image folder exists", f"neither {name}/ nor images/{name}/ exists")
+        data = _load_json(path)
+        captions: dict[object, list[tuple[int, str]]] = defaultdict(list)
+        for k, ann in enumerate(data.get("annotations") or ()):
+            where = f"{path}:annotations[{k}]"
+            captions[_require(ann, "image_id", where)].append((ann.get("id", k), _require(ann, "caption", where)))
+        for k, img in enumerate(data.get("images") or ()):
+            where = f"{path}:images[{k}]"
+            image_id = _require(img, "id", where)
+            if image_id not in captions:
+                continue  # an image without captions cannot be a retrieval pair
+            items.append(
+                Item(
+                    id=f"{name}/{image_id}",
+                    split=split,
+                    texts=_unique_texts(*(c.strip() for _, c in sorted(captions[image_id]))),
+                    image=(image_dir / _require(img, "file_name", where)).as_posix(),
+                )
+            )
+    _check_unique_ids(items, str(source / "annotations"))
+    return ReadResult(items, source, None, [], source.name)
+
+
+# ---------------------------------------------------------------- Karpathy split JSON
+
+
+@_reader("karpathy")
+def read_karpathy(source: Path, image_root: str | None = None) -> ReadResult:
+    """Karpathy split file ``dataset_<name>.json`` (COCO, Flickr8k/30k): ``images[]`` with
+    ``filepath`` (optional), ``filename``, ``split`` and ``sentences[].raw``.
+
+    ``restval`` is counted as train (as in the usual 113k COCO training set) and kept in
+    ``meta["karpathy_split"]``. Media paths are ``<filepath>/<filename>`` relative to
+    ``image_root`` (relative to the JSON's folder; default: that folder).
+    """
+    path = _one_file(source, "dataset_*.json")
+    root = path.parent / image_root if image_root else path.parent
+    data = _load_json(path)
+    items = []
+    for k, img in enumerate(data.get("images") or ()):
+        where = f"{path}:images[{k}]"
+        split = _require(img, "split", where)
+        if split not in ("train", "restval", "val", "test"):
+            raise DataError(where, "split in train/restval/val/test", f"split is {split!r}")
+        filename = _require(img, "filename", where)
+        rel = f"{img['filepath']}/{filename}" if img.get("filepath") else filename
+        texts = _unique_texts(*(s.get("raw", "").strip() for s in img.get("sentences") or ()))
+        meta = {"karpathy_split": split} if split == "restval" else {}
+        items.append(
+            Item(
+                id=str(img.get("imgid", rel)),
+                split="train" if split == "restval" else split,
+                texts=texts,
+                image=rel,
+                meta=meta,
+            )
+        )
+    _check_unique_ids(items, str(path))
+    return ReadResult(items, root, None, [], path.stem.removeprefix("dataset_"))
+
+
+# ---------------------------------------------------------------- precomputed features
+
+
+def _features_result(
+    per_split: dict[str, dict[str, np.ndarray]],
+    labels: dict[str, np.ndarray],
+    row_meta: dict[str, dict[str, np.ndarray]],
+    categories: list[str] | None,
+    where: str,
+    name: str,
+    root: Path,
+) -> ReadResult:
+    """Stack per-split modality arrays into one (N, D) array per modality; items in split order."""
+    modalities = sorted({m for arrays in per_split.values() for m in arrays})
+    items: list[Item] = []
+    stacked: dict[str, list[np.ndarray]] = {m: [] for m in modalities}
+    for split in (s for s in SPLITS if s in per_split):
+        arrays = per_split[split]
+        for m in modalities:
+            if m not in arrays:
+                raise DataError(where, "every split has every modality", f"'{split}_{m}' is missing")
+        n = len(labels[split])
+        for m, arr in arrays.items():
+            if arr.ndim != 2 or arr.shape[0] != n:
+                raise DataError(where, "one feature row per label", f"'{split}_{m}' has shape {arr.shape}, {n} labels")
+            stacked[m].append(arr)
+        for i in range(n):
+            raw = labels[split][i]
+            label = categories[int(raw)] if categories is not None else str(raw)
+            meta = {key: str(values[i]) for key, values in row_meta.get(split, {}).items()}
+            items.append(
+                Item(id=f"{split}/{i:04d}", split=split, labels=(label,), feature_row=len(items), meta=meta)
+            )
+    dims = {m: {a.shape[1] for a in stacked[m]} for m in modalities}
+    for m, d in dims.items():
+        if len(d) != 1:
+            raise DataError(where, "one feature dim per modality", f"'{m}' has dims {sorted(d)} across splits")
+    features = {m: np.concatenate(stacked[m]) for m in modalities}
+    label_set = list(categories) if categories is not None else _label_set(items)
+    return ReadResult(items, root, features, label_set, name)
+
+
+@_reader("features_npz")
+def read_features_npz(source: Path, splits: list[str] | None = None) -> ReadResult:
+    """Precomputed features in one ``.npz`` (the wikipedia_cmr layout): ``<split>_<modality>``
+    float arrays (N, D), ``<split>_label`` (N,) ints, optional ``categories`` (C,) names
+    (label k -> categories[k]); other (N,) ``<split>_*`` arrays go to ``meta``.
+
+    ``splits`` restricts reading to some splits (e.g. ``["test"]`` where a split lacks a
+    modality, as in pascal_sentence_partial).
+    """
+    path = _one_file(source, "*.npz")
+    per_split: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    labels: dict[str, np.ndarray] = {}
+    row_meta: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    with np.load(path, allow_pickle=False) as z:
+        categories = [str(c) for c in z["categories"]] if "categories" in z.files else None
+        for key in z.files:
+            split, _, field = key.partition("_")
+            if split not in SPLITS or not field or (splits is not None and split not in splits):
+                continue
+            arr = z[key]
+            if field == "label":
+                labels[split] = arr
+            elif arr.ndim == 2 and np.issubdtype(arr.dtype, np.number):
+                per_split[split][field] = arr
+            else:
+                row_meta[split][field] = arr
+    for split in per_split:
+        if split not in labels:
+            raise DataError(str(path), "every split has labels", f"'{split}_label' is missing")
+    if not per_split:
+        raise DataError(str(path), "arrays named <split>_<modality>", f"found {sorted(labels)} only")
+    return _features_result(per_split, labels, row_meta, categories, str(path), path.stem, path.parent)
+
+
+@_reader("features_mat")
+def read_features_mat(source: Path) -> ReadResult:
+    """The original Wikipedia CMR files: ``raw_features.mat`` (I_tr, T_tr, I_te, T_te; one
+    row per sample) beside ``trainset_txt_img_cat.list`` / ``testset_txt_img_cat.list``
+    (tab-separated text id, image id, class 1..C; line i = row i) and ``categories.list``.
+    ``source`` is that folder or the ``.mat`` file in it."""
+    from scipy.io import loadmat
+
+    mat_path = _one_file(source, "*.mat")
+    folder = mat_path.parent
+    mat = loadmat(mat_path)
+    categories = (folder / "categories.list").read_text(encoding="utf-8").split()
+    per_split, labels, row_meta = {}, {}, {}
+    for split, suffix, list_name in (("train", "tr", "trainset_txt_img_cat.list"), ("test", "te", "testset_txt_img_cat.list")):
+        list_path = folder / list_name
+        rows = [line.split("\t") for line in list_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for lineno, r in enumerate(rows, 1):
+            if len(r) != 3 or not r[2].strip().isdigit() or not 1 <= int(r[2]) <= len(categories):
+                raise DataError(f"{list_path}:{lineno}", "text id<TAB>image id<TAB>class 1..C", repr(r))
+        for key in (f"I_{suffix}", f"T_{suffix}"):
+            if key not in mat:
+                raise DataError(str(mat_path), f"variable {key} present", f"variables: {sorted(mat)}")
+        per_split[split] = {"image": np.asarray(mat[f"I_{suffix}"]), "text": np.asarray(mat[f"T_{suffix}"])}
+        labels[split] = np.array([int(r[2]) - 1 for r in rows])
+        row_meta[split] = {"text_id": np.array([r[0] for r in rows]), "image_id": np.array([r[1] for r in rows])}
+    return _features_result(per_split, labels, row_meta, categories, str(mat_path), mat_path.stem, folder)
+
+
+# ---------------------------------------------------------------- CUHK-PEDES
+
+
+def _captions_list(value, where: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(c, str) for c in value):
+        return value
+    raise DataError(where, "captions is a string or a list of strings", f"got {type(value).__name__}")
+
+
+def _pedes_item(stem: str, entries: list[tuple[str, dict]], image_dir: str, identity_prefix: str) -> Item:
+    """One item per image; ``entries`` are (where, element) of that image, in file order."""
+    where, first = entries[0]
+    file_path = _require(first, "file_path", where)
+    texts: list[str] = []
+    captions_bt: list[str] = []
+    for w, e in entries:
+        texts += _captions_list(_require(e, "captions", w), w)
+        if e.get("captions_bt"):
+            captions_bt += _captions_list(e["captions_bt"], w)
+    split = first.get("split") or next((s for s in SPLITS if s in stem), "")
+    meta = {"captions_bt": captions_bt} if captions_bt else {}
+    return Item(
+        id=f"{stem}/{Path(file_path).with_suffix('').as_posix()}" if stem else Path(file_path).with_suffix("").as_posix(),
+        split=split,
+        texts=_unique_texts(*texts),
+        identity=f"{identity_prefix}{_require(first, 'id', where)}",
+        image=(Path(image_dir) / file_path).as_posix() if image_dir else file_path,
+        meta=meta,
+    )
+
+
+@_reader("cuhk_pedes")
+def read_cuhk_pedes(
+    source: Path,
+    image_dir: str | None = None,
+    caption_files: list[str] | None = None,
+    skip_missing_images: bool = False,
+) -> ReadResult:
+    """CUHK-PEDES person search: identity = person id, texts = captions.
+
+    Two layouts:
+
+    * ``reid_raw.json`` (``source`` is the file or its folder): a list of
+      ``{file_path, id, captions: [..], split, captions_bt?}``; back-translated captions go
+      to ``meta["captions_bt"]``. Images under ``image_dir`` (default ``imgs`` if that
+      folder exists, else the JSON's folder).
+    * caption files (``source/captions/*.json``, as in cuhk_pedes_sample): lists of
+      ``{id, file_path, captions: str, split?}``, one element per caption or per image;
+      elements of the same image in one file are merged. Split from ``split`` or the file
+      name. Person ids are numbered per file family, so identity is ``<file>:<id>``.
+      Images under ``image_dir`` (default ``images``).
+
+    ``caption_files`` picks caption files by name; ``skip_missing_images`` drops entries
+    whose image is absent (the sample holds only the CUHK01 images) instead of failing.
+    """
+    reid = source if source.is_file() else source / "reid_raw.json"
+    if reid.is_file():
+        root = reid.parent
+        default_dir = "imgs" if (root / "imgs").is_dir() else ""
+        files = [(reid, "", "")]
+    else:
+        root = source
+        default_dir = "images"
+        caption_dir = source / "captions"
+        paths = [caption_dir / n for n in caption_files] if caption_files else sorted(caption_dir.glob("*.json"))
+        if not paths:
+            raise DataError(str(source), "reid_raw.json or captions/*.json present", "found neither")
+        files = [(p, p.stem, f"{p.stem}:") for p in paths]
+    image_dir = default_dir if image_dir is None else image_dir
+    items = []
+    for path, stem, identity_prefix in files:
+        data = _load_json(path)
+        if not isinstance(data, list):
+            raise DataError(str(path), "a JSON list of entries", f"got {type(data).__name__}")
+        by_image: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+        for k, e in enumerate(data):
+            where = f"{path}:[{k}]"
+            file_path = _require(e, "file_path", where)
+            if not (root / image_dir / file_path).is_file():
+                if skip_missing_images:
+                    continue
+                raise DataError(where, "image exists", f"file_path {file_path!r} not under {root / image_dir}")
+            by_image[file_path].append((where, e))
+        items += [_pedes_item(stem, entries, image_dir, identity_prefix) for entries in by_image.values()]
+    _check_unique_ids(items, str(source))
+    return ReadResult(items, root, None, [], source.stem if source.is_file() else source.name)
