@@ -169,7 +169,7 @@ COLLECTION_TITLES = frozenset(
 )
 #: Title prefixes of collections ("Part of the Flat Icon Collection (Wed Aug 25 ...)",
 #: "Clipart by Nicu Buculei - jigsaw_red_10"): the rest is a date or a file name.
-COLLECTION_TITLE_PREFIXES = ("part of the flat icon collection (", "clipart by nicu buculei - ")
+COLLECTION_TITLE_PREFIXES = ("part of the flat icon collection", "clipart by nicu buculei - ")
 
 
 #: Descriptions that say nothing about the picture: a bare e-mail address (118 items of
