@@ -95,7 +95,7 @@ def content_groups(keys: list[set[str]]) -> list[int]:
 
 
 def _unit_hash(seed: int, key: str) -> float:
-    """A number in [0, 1) fixed by (seed, key): the group's position on the split line."""
+    """A number in [0, 1) fixed by (seed, key): the group's place in the fill order."""
     digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
@@ -111,8 +111,9 @@ def assign_splits(
 ) -> list[Item]:
     """Give every item a split in train/val/test, keeping content groups together.
 
-    * Source without splits (all ``split == ""``): each group goes to test with
-      probability ``test_fraction``, to val with ``val_fraction``, else train.
+    * Source without splits (all ``split == ""``): groups, in the order of their hash,
+      fill test up to ``test_fraction`` of the items, then val up to ``val_fraction``;
+      the rest is train.
     * Source with splits: items keep them. A split the source lacks (val, or test) is
       carved from train groups so that it holds about that fraction of ALL items.
       Groups that already straddle source splits are left as they are; that leakage is
@@ -140,20 +141,20 @@ def assign_splits(
     group_key = {g: min(items[i].id for i in idx) for g, idx in members.items()}
 
     if not sourced:
-        thresholds = {"test": test_fraction, "val": test_fraction + val_fraction}
-        eligible = set(members)
+        eligible = list(members)
+        target = {"test": test_fraction * len(items), "val": val_fraction * len(items)}
     else:
-        eligible = {g for g, idx in members.items() if all(items[i].split == "train" for i in idx)}
-        n_eligible = sum(len(members[g]) for g in eligible)
-        scale = len(items) / n_eligible if n_eligible else 0.0
-        p_test = min(test_fraction * scale, 1.0) if "test" not in sourced else 0.0
-        p_val = min(val_fraction * scale, 1.0 - p_test) if "val" not in sourced else 0.0
-        thresholds = {"test": p_test, "val": p_test + p_val}
+        eligible = [g for g, idx in members.items() if all(items[i].split == "train" for i in idx)]
+        target = {s: (f * len(items) if s not in sourced else 0.0) for s, f in (("test", test_fraction), ("val", val_fraction))}
 
+    # Walk the groups in hash order and fill test, then val, up to their item counts;
+    # the rest is train. Filling by count (rather than a coin per group) keeps the
+    # fractions close even when groups are few or large.
     new_split = [it.split for it in items]
-    for g in eligible:
-        u = _unit_hash(seed, group_key[g])
-        split = "test" if u < thresholds["test"] else "val" if u < thresholds["val"] else "train"
+    filled = 0
+    for g in sorted(eligible, key=lambda g: _unit_hash(seed, group_key[g])):
+        split = "test" if filled < target["test"] else "val" if filled < target["test"] + target["val"] else "train"
+        filled += len(members[g])
         for i in members[g]:
             new_split[i] = split
     return [it if it.split == s else dataclasses.replace(it, split=s) for it, s in zip(items, new_split)]
