@@ -116,6 +116,10 @@ FAULTS = {
     "feature row out of range": ("small_features", lambda p: (_with(p, 3, feature_row=10_000), 3), "feature_row", "feature_row in range"),
     "non-finite feature": ("small_features", _plant_nan, "feature_row", "features finite"),
     "wrong feature dim": ("small_features", _plant_wrong_dim, "feature_row", "text feature dim == 10"),
+    "declared feature array gone": (
+        "small_features", lambda p: (dataclasses.replace(p, features={"image": p.features["image"]}), 0),
+        "feature_row", "text feature dim == 10",
+    ),
 }
 
 

@@ -129,6 +129,9 @@ def load_prepared(out_dir: str | Path) -> Prepared:
         if not npz.is_file():
             raise DataError(str(npz), "file exists", f"dataset.json lists features {meta['features']}")
         with np.load(npz, allow_pickle=False) as z:
+            missing = sorted(set(meta["features"]) - set(z.files))
+            if missing:
+                raise DataError(str(npz), "holds every array dataset.json lists", f"missing {missing}")
             features = {m: z[m] for m in meta["features"]}
     items = read_items(out_dir / "items.jsonl")
     return Prepared(items, Path(meta["root"]), features, list(meta["label_set"]), meta["info"])

@@ -74,12 +74,12 @@ def _media_columns(items: list[Item], root: Path, field: str, decode) -> tuple[l
     return exists, decodes, detail
 
 
-def _feature_columns(p: Prepared) -> tuple[dict[str, list], dict[str, list]]:
-    """Per item: row in range, all modalities finite, and each modality's dim."""
+def _feature_columns(p: Prepared, modalities: list[str]) -> tuple[dict[str, list], dict[str, list]]:
+    """Per item: row in range, all modalities finite, and each modality's dim (-1: no array)."""
     features = p.features or {}
     n_rows = min((len(a) for a in features.values()), default=0)
     cols: dict[str, list] = {"feature_row_valid": [], "features_finite": []}
-    cols |= {f"{m}_feature_dim": [] for m in features}
+    cols |= {f"{m}_feature_dim": [] for m in modalities}
     detail: dict[str, list] = {"feature_row_valid": [], "features_finite": []}
     for it in p.items:
         r = it.feature_row
@@ -94,16 +94,17 @@ def _feature_columns(p: Prepared) -> tuple[dict[str, list], dict[str, list]]:
         bad = [m for m, a in features.items() if valid and not np.isfinite(a[r]).all()]
         cols["features_finite"].append(not bad if valid else None)
         detail["features_finite"].append(f"non-finite values in {bad}" if bad else "")
-        for m, a in features.items():
-            cols[f"{m}_feature_dim"].append(int(a.shape[1]) if a.ndim == 2 else -1)
+        for m in modalities:
+            a = features.get(m)
+            cols[f"{m}_feature_dim"].append(int(a.shape[1]) if a is not None and a.ndim == 2 else -1)
     return cols, detail
 
 
-def items_frame(p: Prepared, min_chars: int, max_chars: int) -> tuple[pd.DataFrame, dict[str, list]]:
+def items_frame(p: Prepared, feature_modalities: list[str]) -> tuple[pd.DataFrame, dict[str, list]]:
     """The checked properties per item (index = line number) and a detail text per cell."""
     items = p.items
     root = Path(p.root)
-    text_features = "text" in (p.features or {})
+    text_features = "text" in feature_modalities  # declared, even if the array went missing
     cols: dict[str, list] = {"id": [it.id for it in items], "split": [it.split for it in items]}
     detail: dict[str, list] = {"id": [it.id for it in items], "split": [it.split for it in items]}
     for field, decode in (("image", _decodes_image), ("audio", _decodes_audio), ("video", None)):
@@ -128,7 +129,7 @@ def items_frame(p: Prepared, min_chars: int, max_chars: int) -> tuple[pd.DataFra
     leaks = leaking_items(items, root, p.features)
     cols["leakage_free"] = [i not in leaks for i in range(len(items))]
     detail["leakage_free"] = [f"{leaks[i]} is in more than one split" if i in leaks else "" for i in range(len(items))]
-    feat_cols, feat_detail = _feature_columns(p)
+    feat_cols, feat_detail = _feature_columns(p, feature_modalities)
     cols |= feat_cols
     detail |= feat_detail
     for c in feat_cols:
@@ -206,14 +207,16 @@ def validate_prepared(p: Prepared, min_chars: int, max_chars: int) -> dict:
 
         {"success": bool, "n_items": N, "n_failures": total breaking cells,
          "expectations": [{"rule", "field", "column", "expectation", "success",
-                           "unexpected_count", "unexpected": [{"row", "id", "value"}, ...]}]}
+                           "unexpected_count", "unexpected": [{"row", "id", "value"}, ...]}],
+         "not_checked": [what could not be checked here, e.g. audio decoding]}
 
     ``row`` is the line number of the item in ``items.jsonl``.
     """
-    frame, detail = items_frame(p, min_chars, max_chars)
+    # declared dims (dataset.json) win; an array nobody declared is checked against itself
     feature_dims = {m: int(d) for m, d in (p.info.get("feature_dims") or {}).items()}
-    for m in p.features or {}:
-        feature_dims.setdefault(m, int(p.features[m].shape[1]))
+    for m, a in (p.features or {}).items():
+        feature_dims.setdefault(m, int(a.shape[1]) if a.ndim == 2 else -1)
+    frame, detail = items_frame(p, sorted(feature_dims))
     rules = checks(min_chars, max_chars, feature_dims)
     results = _run_suite(frame, rules)
     expectations = []
@@ -227,11 +230,17 @@ def validate_prepared(p: Prepared, min_chars: int, max_chars: int) -> dict:
             {"rule": c.rule, "field": c.field, "column": c.column, "expectation": r["expectation"],
              "success": r["success"], "unexpected_count": r["unexpected_count"], "unexpected": unexpected}
         )
+    not_checked = []
+    if any(v is not None for v in frame["audio_exists"]) and all(v is None for v in frame["audio_decodes"]):
+        not_checked.append("audio decoding (soundfile is not installed): only existence was checked")
+    if any(v is not None for v in frame["video_exists"]):
+        not_checked.append("video decoding: only existence was checked")
     return {
         "success": all(e["success"] for e in expectations),
         "n_items": len(p.items),
         "n_failures": sum(e["unexpected_count"] for e in expectations),
         "expectations": expectations,
+        "not_checked": not_checked,
     }
 
 
