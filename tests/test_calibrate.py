@@ -1,0 +1,172 @@
+"""Calibrators against naive loop references, Sinkhorn marginals, non-1:1 galleries, the transductive guard."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cmr.errors import ConfigError, DataError
+from cmr.retrieval.calibrate import CALIBRATORS, calibrate, sinkhorn_biases
+from cmr.retrieval.metrics import positives_instance, retrieval_metrics
+
+
+def cosine_scores(n_rows, n_cols, seed, dim=16):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(n_rows, dim, generator=gen), dim=1)
+    g = torch.nn.functional.normalize(torch.randn(n_cols, dim, generator=gen), dim=1)
+    return q @ g.T
+
+
+def naive_sinkhorn_gallery_bias(bank, epsilon, col_mass, iters=5000):
+    """Sinkhorn-Knopp with Python loops over every entry; returns epsilon * log(v)."""
+    B, G = len(bank), len(bank[0])
+    K = [[math.exp(bank[i][j] / epsilon) for j in range(G)] for i in range(B)]
+    u, v = [1.0] * B, [1.0] * G
+    for _ in range(iters):
+        u = [(1.0 / B) / sum(K[i][j] * v[j] for j in range(G)) for i in range(B)]
+        v_new = [col_mass[j] / sum(K[i][j] * u[i] for i in range(B)) for j in range(G)]
+        converged = max(abs(a / b - 1) for a, b in zip(v_new, v)) < 1e-13
+        v = v_new
+        if converged:
+            break
+    return np.array([epsilon * math.log(x) for x in v])
+
+
+def naive_inverted_softmax(scores, bank, beta):
+    B, G = len(bank), len(bank[0])
+    norm = [sum(math.exp(beta * bank[b][g]) for b in range(B)) for g in range(G)]
+    return np.array([[beta * s - math.log(norm[g]) for g, s in enumerate(row)] for row in scores])
+
+
+@pytest.mark.parametrize("B,G,weights", [(12, 9, None), (45, 9, None), (10, 30, "counts")])
+def test_sinkhorn_matches_loop_reference_and_marginals(B, G, weights):
+    bank = cosine_scores(B, G, seed=B + G).double()
+    gallery_weights = torch.arange(1, G + 1, dtype=torch.float64) if weights else None
+    col_mass = (gallery_weights / gallery_weights.sum()).tolist() if weights else [1.0 / G] * G
+    res = sinkhorn_biases(bank, epsilon=0.1, max_iter=20000, stop_thr=1e-10, gallery_weights=gallery_weights)
+    # Marginals of the plan, and the plan's form exp((s + f + g) / eps).
+    assert torch.allclose(res.plan.sum(1), torch.full((B,), 1.0 / B, dtype=torch.float64), rtol=1e-9)
+    assert torch.allclose(res.plan.sum(0), torch.tensor(col_mass, dtype=torch.float64), rtol=1e-9)
+    rebuilt = torch.exp((bank + res.bank_bias[:, None] + res.gallery_bias[None, :]) / 0.1)
+    assert torch.allclose(res.plan.double(), rebuilt, rtol=1e-6)
+    ref = naive_sinkhorn_gallery_bias(bank.tolist(), 0.1, col_mass)
+    got = res.gallery_bias.numpy()
+    # Potentials are defined up to one additive constant (moved between rows and columns).
+    np.testing.assert_allclose(got - got.mean(), ref - ref.mean(), atol=1e-8)
+    scores = cosine_scores(7, G, seed=99).double()
+    out, suffix = calibrate("sinkhorn", scores, bank, epsilon=0.1, max_iter=20000, stop_thr=1e-10,
+                            gallery_weights=gallery_weights)
+    assert suffix == ""
+    diff = (out - scores).numpy()
+    np.testing.assert_allclose(diff - diff.mean(), np.tile(ref - ref.mean(), (7, 1)), atol=1e-8)
+
+
+@pytest.mark.parametrize("epsilon,expect", [(0.05, "sinkhorn/float32"), (0.01, "sinkhorn/float64"),
+                                            (0.001, "sinkhorn_log/float64")])
+def test_sinkhorn_picks_a_stable_method_and_meets_marginals(epsilon, expect):
+    bank = cosine_scores(30, 20, seed=3)
+    res = sinkhorn_biases(bank, epsilon=epsilon, max_iter=20000, stop_thr=1e-3)
+    assert res.method == expect
+    assert res.marginal_error <= 1e-3
+    assert torch.isfinite(res.gallery_bias).all()
+    assert torch.allclose(res.plan.sum(1).double(), torch.full((30,), 1 / 30, dtype=torch.float64), rtol=1e-3)
+
+
+def test_sinkhorn_warns_when_it_stops_early():
+    with pytest.warns(UserWarning, match="gallery-marginal error"):
+        sinkhorn_biases(cosine_scores(50, 50, seed=4), epsilon=0.005, max_iter=1, stop_thr=1e-9)
+
+
+def test_inverted_softmax_matches_loops():
+    bank, scores = cosine_scores(11, 8, seed=5).double(), cosine_scores(6, 8, seed=6).double()
+    out, _ = calibrate("inverted_softmax", scores, bank, beta=20.0)
+    np.testing.assert_allclose(out.numpy(), naive_inverted_softmax(scores.tolist(), bank.tolist(), 20.0), atol=1e-9)
+
+
+def test_qbnorm_matches_loops():
+    bank, scores = cosine_scores(5, 12, seed=7).double(), cosine_scores(30, 12, seed=8).double()
+    for k in (1, 2):
+        out, _ = calibrate("qbnorm", scores, bank, beta=20.0, k=k)
+        active = set()
+        for row in bank.tolist():
+            active.update(sorted(range(12), key=lambda g: -row[g])[:k])
+        normalised = naive_inverted_softmax(scores.tolist(), bank.tolist(), 20.0)
+        n_norm = 0
+        for q, row in enumerate(scores.tolist()):
+            top1 = max(range(12), key=lambda g: row[g])
+            want = normalised[q] if top1 in active else np.array(row)
+            n_norm += top1 in active
+            np.testing.assert_allclose(out[q].numpy(), want, atol=1e-9)
+        assert 0 < n_norm < 30  # both branches are exercised
+
+
+def test_dual_softmax_matches_loops_up_to_row_scale():
+    bank, scores = cosine_scores(9, 7, seed=9).double(), cosine_scores(5, 7, seed=10).double()
+    T = 0.05
+    out, _ = calibrate("dsl", scores, bank, temperature=T)
+    for q, row in enumerate(scores.tolist()):
+        want = [s * math.exp(s / T) / sum(math.exp(b[g] / T) for b in bank.tolist()) for g, s in enumerate(row)]
+        ratio = out[q].numpy() / np.array(want)
+        np.testing.assert_allclose(ratio, ratio[0], rtol=1e-9)  # one positive factor per row
+        assert ratio[0] > 0
+
+
+@pytest.mark.parametrize("name", CALIBRATORS.names())
+@pytest.mark.parametrize("B", [5, 50])  # bank smaller or larger than the gallery: no 1:1 assumption
+def test_every_calibrator_shape_finite_deterministic(name, B):
+    scores, bank = cosine_scores(13, 10, seed=11), cosine_scores(B, 10, seed=12)
+    out1, suffix = calibrate(name, scores, bank)
+    out2, _ = calibrate(name, scores, bank)
+    assert out1.shape == (13, 10) and torch.isfinite(out1).all() and torch.equal(out1, out2)
+    assert suffix == ""
+
+
+def test_transductive_guard():
+    scores = cosine_scores(20, 10, seed=13)
+    with pytest.raises(ConfigError, match="needs a query bank"):
+        calibrate("sinkhorn", scores)
+    with pytest.raises(ConfigError, match="transductive=True uses the test scores"):
+        calibrate("sinkhorn", scores, scores, transductive=True)
+    out, suffix = calibrate("sinkhorn", scores, transductive=True)
+    assert suffix == "@transductive"
+    assert torch.equal(out, calibrate("sinkhorn", scores, scores)[0])
+    assert calibrate("none", scores)[1] == "" and calibrate("none", scores, transductive=True)[1] == ""
+
+
+def test_bad_options_and_shapes():
+    scores = cosine_scores(4, 6, seed=14)
+    with pytest.raises(ConfigError, match="unknown option 'epsilom'.*epsilon"):
+        calibrate("sinkhorn", scores, scores, epsilom=0.1)
+    with pytest.raises(KeyError, match="did you mean 'sinkhorn'"):
+        calibrate("sinkorn", scores, scores)
+    with pytest.raises(DataError, match="bank"):
+        calibrate("sinkhorn", scores, cosine_scores(4, 5, seed=1))
+    with pytest.raises(DataError, match="gallery_weights"):
+        calibrate("sinkhorn", scores, scores, gallery_weights=torch.zeros(6))
+
+
+def hub_case(seed, n_items=200, dim=32, n_hubs=10, bank_per_item=5):
+    """Queries sit near their item; a few 'hub' items sit near the centre of all queries."""
+    gen = torch.Generator().manual_seed(seed)
+    items = torch.randn(n_items, dim, generator=gen)
+    common = torch.randn(dim, generator=gen)
+    items[:n_hubs] = 0.6 * items[:n_hubs] + 2.5 * common
+    norm = torch.nn.functional.normalize
+
+    def queries(item_of):
+        return norm(items[item_of] + 1.6 * torch.randn(len(item_of), dim, generator=gen) + 1.0 * common, dim=1)
+
+    gallery = norm(items, dim=1)
+    test_item = torch.arange(n_items)
+    bank_item = torch.arange(n_items).repeat(bank_per_item)  # e.g. 5 training captions per item
+    return queries(test_item) @ gallery.T, queries(bank_item) @ gallery.T, positives_instance(test_item, n_items)
+
+
+def test_sinkhorn_improves_r1_on_hub_case():
+    scores, bank, positives = hub_case(0)
+    raw = retrieval_metrics(scores, positives)["R@1"]
+    out, _ = calibrate("sinkhorn", scores, bank, epsilon=0.05)
+    calibrated = retrieval_metrics(out, positives)["R@1"]
+    hub_hits = int((scores.argmax(1) < 10).sum())
+    assert hub_hits > 40, "the toy case must really have hubs"
+    assert calibrated > raw + 0.05, (raw, calibrated)
