@@ -6,6 +6,7 @@ functions take explicit arguments.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -94,6 +95,11 @@ class PathsCfg(Section):
     plots: str = "data/reports/plots"
     registry: str = "data/reports/register.json"
     cache: str = "data/cache"
+
+
+# "register" is a section name the user sees in params.yaml; pydantic warns that it
+# shadows ABCMeta.register, which nothing here uses.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
 class Params(Section):

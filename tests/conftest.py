@@ -1,0 +1,28 @@
+"""Shared fixtures. Real data comes from ../shared/datasets (override: CMR_SHARED_DATASETS)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+for _k, _v in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+               "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO / "data" / "raw" / "openclipart_mini"
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    root = Path(os.environ.get("CMR_SHARED_DATASETS", REPO.parent / "shared" / "datasets"))
+    if not root.exists():
+        pytest.skip(f"real test data not found at {root} (set CMR_SHARED_DATASETS)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO

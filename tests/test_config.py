@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cmr.config import Params, load_params, parse_params
+from cmr.errors import ConfigError
+from cmr.registry import Registry
+
+
+def test_repo_params_parse_and_cover_every_section(repo_root):
+    p = load_params(repo_root / "params.yaml")
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    # params.yaml writes every section out: nothing silently falls back to a default
+    assert set(raw) == set(Params.model_fields)
+    assert p.paths.prepared == raw["paths"]["prepared"]
+
+
+def test_unknown_key_names_key_and_nearest():
+    with pytest.raises(ConfigError) as e:
+        parse_params({"finetune": {"epocs": 3}})
+    assert "finetune.epocs" in str(e.value) and "epochs" in str(e.value)
+
+
+def test_unknown_top_level_section():
+    with pytest.raises(ConfigError, match="unknown key 'calibration'.*calibrate"):
+        parse_params({"calibration": {}})
+
+
+def test_bad_value_names_field_and_value():
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        parse_params({"data": {"val_fraction": 1.5}})
+    with pytest.raises(ConfigError, match="calibrate.query_bank"):
+        parse_params({"calibrate": {"query_bank": "everything"}})
+
+
+def test_params_are_frozen():
+    p = parse_params({})
+    with pytest.raises(Exception):
+        p.seed = 3
+
+
+def test_overrides_and_missing_file(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("seed: 1\n")
+    assert load_params(f, {"finetune.epochs": 2}).finetune.epochs == 2
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    f.write_text("seed: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(f)
+
+
+def test_registry_errors_suggest_nearest():
+    r = Registry("loss")
+    r.register("infonce")(object)
+    with pytest.raises(KeyError, match="did you mean 'infonce'"):
+        r.get("infonse")
+    with pytest.raises(KeyError, match="registered twice"):
+        r.register("infonce")(object)
+
+
+def test_atomic_write_leaves_old_file_on_crash(tmp_path):
+    from cmr.io import atomic_path, write_json
+
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text().strip().startswith("{") and '"a": 1' in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_dir_replacement(tmp_path):
+    from cmr.io import atomic_path
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "old").write_text("x")
+    with atomic_path(d) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("y")
+    assert sorted(p.name for p in d.iterdir()) == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
