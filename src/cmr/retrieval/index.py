@@ -1,0 +1,256 @@
+"""FAISS indexes over L2-normalised embeddings (inner product = cosine similarity).
+
+``build_index(kind, embeddings, ids)`` picks a kind from ``INDEXES`` ("flat" exact,
+"ivf" IVFFlat, "hnsw"); ``Index.save(dir)`` writes ``index.faiss``, ``ids.json`` and
+``meta.json`` atomically; ``load_index(dir)`` checks them against each other.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import faiss
+import numpy as np
+
+from cmr.errors import ConfigError, DataError
+from cmr.io import atomic_path, read_json, write_json
+from cmr.registry import Registry, nearest
+
+METRIC = "inner_product"
+INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.json", "meta.json"
+
+
+@dataclass(frozen=True)
+class IndexKind:
+    """How to make an empty index of one kind, and how to set its search-time knobs.
+
+    make(dim, count, **build_options) -> faiss.Index (untrained, empty);
+    tune(index, **search_options) sets e.g. nprobe; defaults hold each option's default.
+    """
+    make: Callable[..., faiss.Index]
+    build_defaults: dict[str, Any]
+    search_defaults: dict[str, Any] = field(default_factory=dict)
+    tune: Callable[..., None] | None = None
+    gpu: bool = True  # FAISS has GPU versions of flat and IVF, not of HNSW
+
+
+INDEXES: Registry[IndexKind] = Registry("index")
+
+
+def _ivf_nlist(count: int, nlist: int | None) -> int:
+    # ~4 sqrt(N) lists is FAISS's usual starting point; k-means wants >= 39 points a list.
+    return nlist or max(1, min(int(4 * math.sqrt(count)), count // 39))
+
+
+def _set_nprobe(index, nprobe: int) -> None:
+    index.nprobe = int(nprobe)
+
+
+def _set_ef_search(index, ef_search: int) -> None:
+    index.hnsw.efSearch = int(ef_search)
+
+
+INDEXES.register("flat")(IndexKind(make=lambda dim, count: faiss.IndexFlatIP(dim), build_defaults={}))
+INDEXES.register("ivf")(IndexKind(
+    make=lambda dim, count, nlist=None: faiss.IndexIVFFlat(
+        faiss.IndexFlatIP(dim), dim, _ivf_nlist(count, nlist), faiss.METRIC_INNER_PRODUCT),
+    # nprobe 32 of ~1,265 lists reached recall@10 >= 0.95 on clustered 100k x 512 data
+    # (benchmarks/bench_index.py).
+    build_defaults={"nlist": None}, search_defaults={"nprobe": 32}, tune=_set_nprobe))
+INDEXES.register("hnsw")(IndexKind(
+    make=lambda dim, count, M=32, ef_construction=64: _hnsw(dim, M, ef_construction),
+    build_defaults={"M": 32, "ef_construction": 64}, search_defaults={"ef_search": 64},
+    tune=_set_ef_search, gpu=False))
+
+
+def _hnsw(dim: int, M: int, ef_construction: int) -> faiss.Index:
+    index = faiss.IndexHNSWFlat(dim, int(M), faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = int(ef_construction)
+    return index
+
+
+def _as_matrix(x, where: str, dim: int | None = None) -> np.ndarray:
+    """float32 C-contiguous [N, D] array from a numpy array or torch tensor."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        raise DataError(where, f"a float matrix [N, {dim if dim is not None else 'D'}]", f"got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}[{int(np.nonzero(~np.isfinite(x).all(1))[0][0])}]", "all values finite",
+                        "found NaN or inf")
+    return x
+
+
+def _split_options(kind: IndexKind, name: str, options: dict) -> tuple[dict, dict]:
+    known = {**kind.build_defaults, **kind.search_defaults}
+    for key in options:
+        if key not in known:
+            raise ConfigError(f"index {name!r}: unknown option {key!r}{nearest(key, known)}; "
+                              f"options: {', '.join(known) or 'none'}")
+    build = {k: options.get(k, v) for k, v in kind.build_defaults.items()}
+    search = {k: options.get(k, v) for k, v in kind.search_defaults.items()}
+    return build, search
+
+
+def _use_gpu(kind: IndexKind, name: str, device: str) -> bool:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"index device must be auto, cpu or cuda, got {device!r}")
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "cuda" and (gpus == 0 or not kind.gpu):
+        raise ConfigError(f"index {name!r} on cuda: " + ("FAISS sees no GPU (install faiss-gpu, "
+                          "not faiss-cpu)" if gpus == 0 else "FAISS has no GPU version of it"))
+    return device != "cpu" and gpus > 0 and kind.gpu
+
+
+class Index:
+    """A FAISS index plus the string id of every row; scores are inner products."""
+
+    def __init__(self, faiss_index: faiss.Index, ids: list[str], kind: str,
+                 build_options: dict, search_options: dict):
+        self.faiss_index, self.ids, self.kind = faiss_index, ids, kind
+        self.build_options, self.search_options = dict(build_options), {}
+        self._gpu_resources = None
+        self.tune(**search_options)
+
+    @property
+    def dim(self) -> int:
+        return self.faiss_index.d
+
+    @property
+    def count(self) -> int:
+        return self.faiss_index.ntotal
+
+    def tune(self, **search_options) -> "Index":
+        """Set search-time options (``nprobe`` for ivf, ``ef_search`` for hnsw)."""
+        kind = INDEXES.get(self.kind)
+        for key in search_options:
+            if key not in kind.search_defaults:
+                raise ConfigError(f"index {self.kind!r}: unknown search option {key!r}; "
+                                  f"options: {', '.join(kind.search_defaults) or 'none'}")
+        if search_options:
+            kind.tune(self.faiss_index, **search_options)
+            self.search_options.update(search_options)
+        return self
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows for each query: (scores float32[Q, k], rows int64[Q, k]).
+
+        queries: [Q, D] numpy or torch. A row of -1 (score -inf) means fewer than k
+        items were found (possible with a small nprobe).
+        """
+        queries = _as_matrix(queries, "queries", self.dim)
+        scores, rows = self.faiss_index.search(queries, int(min(k, self.count)))
+        scores[rows < 0] = -np.inf
+        return scores, rows
+
+    def search_ids(self, queries, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """Like ``search`` but with the items' string ids (missing results left out)."""
+        scores, rows = self.search(queries, k)
+        return scores, [[self.ids[r] for r in row if r >= 0] for row in rows.tolist()]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write index.faiss, ids.json and meta.json into ``directory`` atomically."""
+        index = self.faiss_index
+        if self._gpu_resources is not None:
+            index = faiss.index_gpu_to_cpu(index)
+        meta = {"kind": self.kind, "dim": self.dim, "count": self.count, "metric": METRIC,
+                "build_options": self.build_options, "search_options": self.search_options,
+                "faiss_version": faiss.__version__}
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
+            faiss.write_index(index, str(tmp / INDEX_FILE))
+            (tmp / IDS_FILE).write_text(json.dumps(self.ids), encoding="utf-8")
+            write_json(tmp / META_FILE, meta)
+        return Path(directory)
+
+    def _to_gpu(self) -> None:
+        self._gpu_resources = faiss.StandardGpuResources()
+        self.faiss_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.faiss_index)
+
+
+def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto", **options) -> Index:
+    """Build an index of ``kind`` over embeddings float32[N, D] (L2-normalise them first).
+
+    ids: N unique strings, one per row. device: "auto" (GPU when FAISS sees one and the
+    kind has a GPU version), "cpu" or "cuda". options: see ``INDEXES.get(kind)``
+    (ivf: nlist, nprobe; hnsw: M, ef_construction, ef_search).
+    """
+    spec = INDEXES.get(kind)
+    build, search = _split_options(spec, kind, options)
+    x = _as_matrix(embeddings, "embeddings")
+    ids = [str(i) for i in ids]
+    if len(ids) != len(x):
+        raise DataError("ids", "one id per embedding row", f"{len(ids)} ids for {len(x)} rows")
+    seen: dict[str, int] = {}
+    for row, item in enumerate(ids):
+        if seen.setdefault(item, row) != row:
+            raise DataError(f"ids[{row}]", "ids are unique", f"{item!r} is also ids[{seen[item]}]")
+    if kind == "ivf" and len(x) < _ivf_nlist(len(x), build["nlist"]):
+        raise ConfigError(f"index 'ivf': nlist {build['nlist']} is more than the {len(x)} embeddings")
+    index = Index(spec.make(x.shape[1], len(x), **build), ids, kind, build, {})
+    if _use_gpu(spec, kind, device):
+        index._to_gpu()
+    if not index.faiss_index.is_trained:
+        index.faiss_index.train(x)
+    index.faiss_index.add(x)
+    return index.tune(**search)
+
+
+def load_index(directory: str | Path, expect_dim: int | None = None, expect_count: int | None = None,
+               device: str = "auto") -> Index:
+    """Read an index written by ``Index.save`` and check meta, index and id map agree."""
+    directory = Path(directory)
+    paths = {name: directory / name for name in (INDEX_FILE, IDS_FILE, META_FILE)}
+    for path in paths.values():
+        if not path.is_file():
+            raise DataError(str(path), "index folder has index.faiss, ids.json and meta.json", "file missing")
+    meta_path = str(paths[META_FILE])
+    try:
+        meta, ids = read_json(paths[META_FILE]), read_json(paths[IDS_FILE])
+    except json.JSONDecodeError as err:
+        raise DataError(str(directory), "meta.json and ids.json are valid JSON", str(err)) from None
+    missing = {"kind", "dim", "count", "metric"} - set(meta)
+    if missing:
+        raise DataError(meta_path, "meta.json names kind, dim, count, metric", f"missing {sorted(missing)}")
+    if meta["kind"] not in INDEXES:
+        raise DataError(f"{meta_path}: kind", f"one of {INDEXES.names()}", f"got {meta['kind']!r}")
+    try:
+        index = faiss.read_index(str(paths[INDEX_FILE]))
+    except RuntimeError as err:
+        raise DataError(str(paths[INDEX_FILE]), "a readable FAISS index", str(err).splitlines()[0]) from None
+    checks = [
+        (meta["metric"] == METRIC, meta_path, "metric", f"metric is {METRIC!r}, got {meta['metric']!r}"),
+        (index.metric_type == faiss.METRIC_INNER_PRODUCT, str(paths[INDEX_FILE]), "metric",
+         f"index metric is inner product, got FAISS metric {index.metric_type}"),
+        (index.d == meta["dim"], str(paths[INDEX_FILE]), "dim", f"index dim {index.d} != meta dim {meta['dim']}"),
+        (index.ntotal == meta["count"], str(paths[INDEX_FILE]), "count",
+         f"index holds {index.ntotal} vectors, meta count {meta['count']}"),
+        (isinstance(ids, list) and len(ids) == index.ntotal, str(paths[IDS_FILE]), "count",
+         f"{len(ids) if isinstance(ids, list) else 'no list of'} ids for {index.ntotal} index vectors"),
+        (expect_dim is None or meta["dim"] == expect_dim, meta_path, "dim",
+         f"expected dim {expect_dim}, index has {meta['dim']}"),
+        (expect_count is None or meta["count"] == expect_count, meta_path, "count",
+         f"expected {expect_count} items, index has {meta['count']}"),
+    ]
+    for ok, where, what, detail in checks:
+        if not ok:
+            raise DataError(where, f"{what} matches", detail)
+    spec = INDEXES.get(meta["kind"])
+    loaded = Index(index, [str(i) for i in ids], meta["kind"], meta.get("build_options", {}),
+                   meta.get("search_options", {}))
+    if _use_gpu(spec, meta["kind"], device):
+        loaded._to_gpu()
+        loaded.tune(**loaded.search_options)
+    return loaded
+
+
+def recall_vs_exact(approx: Index, exact: Index, queries, k: int) -> float:
+    """Mean fraction of the exact top-k rows that ``approx`` also returns in its top-k."""
+    _, found = approx.search(queries, k)
+    _, truth = exact.search(queries, k)
+    hits = sum(len(set(f[f >= 0].tolist()) & set(t.tolist())) for f, t in zip(found, truth))
+    return hits / truth.size
