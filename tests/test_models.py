@@ -229,6 +229,12 @@ def test_pt_checkpoint_is_loaded_weights_only(tmp_path):
     assert loaded.spec.image_dim == 256 and loaded.spec.arch == "openclip:ViT-S-32-alt"
     for (name, p), q in zip(source.items(), loaded.model.clip.state_dict().values()):
         torch.testing.assert_close(q, p, atol=0, rtol=0, msg=name)
+    # A standard CLIP keeps its text transformer on the model itself; locking still finds it.
+    clip = loaded.model.clip
+    loaded.model.lock_text_tower()
+    frozen = {n for n, p in clip.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in clip.named_parameters() if not n.startswith(("visual.", "logit_scale"))}
+    assert "token_embedding.weight" in frozen and "text_projection" in frozen
 
     marker, evil = tmp_path / "code-ran", tmp_path / "evil.pt"
     torch.save({"state_dict": {"logit_scale": torch.zeros(())}, "extra": _Payload(marker)}, evil)

@@ -101,8 +101,8 @@ def openclip_backbones(name: str, pretrained: str) -> Backbones:
     except pickle.UnpicklingError as e:
         raise _unsafe(source, e) from None
     except RuntimeError as e:
-        raise ConfigError(f"model.pretrained: cannot load {source!r} for open_clip arch {name!r}: {e}. Offline, "
-                          f"give a local .safetensors/.pt checkpoint file") from None
+        hint = "" if source and Path(source).is_file() else "; offline, give a local .safetensors/.pt checkpoint file"
+        raise ConfigError(f"model.pretrained: cannot load {source!r} for open_clip arch {name!r}: {e}{hint}") from None
     try:
         tokenizer = open_clip.get_tokenizer(name)
     except (OSError, RuntimeError, ValueError) as e:
