@@ -58,7 +58,7 @@ def search(params_path: str, query: str | None, image: str | None, k: int) -> li
             index = load_index(index_dir / "images")
     if gallery["calibrated"]:  # the index carries a calibration bias as its last dimension
         q = torch.cat([q, torch.ones(1, 1)], dim=1)
-    scores, ids = index.search(q.float().numpy(), k)
+    scores, ids = index.search_ids(q.float().numpy(), k)
     prepared = load_prepared(p.paths.prepared)
     by_id = {it.id: it for it in prepared.items}
     hits = []

@@ -44,7 +44,7 @@ def rescore_on_val(model_uri: str, prepared_dir: str, level: str, ks, metric: st
 def run(p: Params, params_path: str = "params.yaml") -> dict:
     paths = p.paths
     metrics = read_json(paths.metrics)
-    prepared_info = read_json(Path(paths.prepared) / "dataset.json")
+    prepared_info = load_prepared(paths.prepared).info
     commit, dirty = git_commit()
     tags = {"git_commit": commit, "git_dirty": str(dirty), "data_version": prepared_info["data_version"],
             "dataset": p.data.reader, "dvc_data_md5": str(dvc_dep_hash("dvc.lock", "ingest", p.data.source)),

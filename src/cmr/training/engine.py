@@ -138,7 +138,7 @@ def train_heads(model, loss_fn, train: FeatureSet, val: FeatureSet, *, epochs: i
             sched.step()
             with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
                 model.logit_scale.clamp_(0, math.log(100))
-            for k, v in {"loss": float(total), **parts}.items():
+            for k, v in {"loss": total.item(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v / len(batches)
         return sums
 
@@ -192,7 +192,7 @@ def train_towers(model, loss_fn, tokenizer, preprocess_train, encode_val: Callab
             sched.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
-            for k, v in {"loss": float(total), **parts}.items():
+            for k, v in {"loss": total.item(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v / len(batches)
         return sums
 

@@ -14,7 +14,7 @@ import torch
 from cmr.data.prepare import Prepared
 from cmr.data.schema import by_split
 from cmr.io import atomic_path, read_json, write_json
-from cmr.losses import build_loss
+from cmr.losses import LOSSES, build_loss
 from cmr.models import build_two_tower, load_two_tower, save_two_tower
 from cmr.training.engine import TrainResult, train_heads, train_towers
 from cmr.training.features import (FeatureSet, cache_key, cached_backbone_features, compute_backbone_features,
@@ -55,7 +55,8 @@ def split_features(bundle, prepared: Prepared, split: str, bid: str, device: str
 
 def num_classes_for(prepared: Prepared, losses: dict) -> int:
     """Classes a class-wise loss sees: the label set, or the train identities for person search."""
-    if any(name == "id" for name in losses) and not prepared.label_set:
+    needs_identity = any("identity" in getattr(LOSSES.get(name), "requires", frozenset()) for name in losses)
+    if needs_identity and not prepared.label_set:
         return len({it.identity for it in by_split(prepared.items, "train")})
     return len(prepared.label_set)
 
