@@ -4,7 +4,8 @@
     cmr pipeline                  # every stage in order, without DVC
     cmr search "a red apple" --k 5
     cmr search --image path.jpg --k 5
-    cmr list losses               # registered names (readers, losses, calibrators, indexes, archs)
+    cmr study wikipedia           # a registered study (tables, plot, one MLflow parent run)
+    cmr list losses               # registered names (readers, losses, calibrators, indexes, archs, studies)
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def _registries() -> dict:
     from cmr.retrieval.calibrate import CALIBRATORS
     from cmr.retrieval.index import INDEXES
 
-    return {"readers": READERS.names(), "losses": LOSSES.names(), "calibrators": CALIBRATORS.names(),
+    from cmr.studies import load_all
+
+    return {"studies": load_all().names(), "readers": READERS.names(), "losses": LOSSES.names(), "calibrators": CALIBRATORS.names(),
             "indexes": INDEXES.names(), "archs": list_architectures()}
 
 
@@ -82,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("query", nargs="?", help="text query (text -> image)")
     se.add_argument("--image", help="image query (image -> text)")
     se.add_argument("--k", type=int, default=5)
+    sy = sub.add_parser("study", help="run a registered study (`cmr list studies`)")
+    sy.add_argument("name")
+    sy.add_argument("--quick", action="store_true", help="a small version of the study (smoke run)")
     ls = sub.add_parser("list", help="registered names")
-    ls.add_argument("what", choices=("readers", "losses", "calibrators", "indexes", "archs"))
+    ls.add_argument("what", choices=("readers", "losses", "calibrators", "indexes", "archs", "studies"))
     args = ap.parse_args(argv)
     try:
         if args.cmd == "stage":
@@ -99,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error("give either a text query or --image PATH")
             for rank, hit in enumerate(search(args.params, args.query, args.image, args.k), 1):
                 print(f"{rank:2d}. {hit['score']:.4f}  {hit['id']}  {hit['text']!r}  {hit['image'] or ''}")
+            return 0
+        if args.cmd == "study":
+            from cmr.config import load_params
+            from cmr.studies import load_all
+
+            load_all().get(args.name)(load_params(args.params), quick=args.quick)
             return 0
         if args.cmd == "list":
             print("\n".join(_registries()[args.what]))

@@ -1,0 +1,21 @@
+"""Runnable studies: each module registers ``run(...)`` under a name in ``STUDIES``.
+
+``cmr study NAME`` runs one; every study writes a table (CSV + Markdown) and a plot
+under ``studies/<name>/`` and logs one MLflow parent run with a nested run per cell.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from cmr.registry import Registry
+
+STUDIES = Registry("study")
+
+
+def load_all() -> Registry:
+    """Import every study module so that its ``@STUDIES.register`` runs."""
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+    return STUDIES
