@@ -11,7 +11,9 @@ the heads and preprocessing the same way for every architecture.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import pickle
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -66,6 +68,22 @@ LITE0_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolat
                     "resize_mode": "shortest"}
 
 
+@contextlib.contextmanager
+def _quiet_build():
+    import transformers
+
+    old_root, old_tf = logging.getLogger().level, transformers.logging.get_verbosity()
+    logging.getLogger().setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.getLogger().setLevel(old_root)
+        transformers.logging.set_verbosity(old_tf)
+        transformers.utils.logging.enable_progress_bar()
+
+
 @ARCHITECTURES.register("lite0-minilm")
 def lite0_minilm(pretrained: str) -> Backbones:
     if pretrained not in ("offline", NO_WEIGHTS):
@@ -75,8 +93,11 @@ def lite0_minilm(pretrained: str) -> Backbones:
     # The JSON names the Hub model; point open_clip at the installed copy instead.
     text_cfg = {**cfg["text_cfg"], "hf_model_name": folder, "hf_tokenizer_name": folder,
                 "hf_model_pretrained": pretrained == "offline"}
-    clip = open_clip.create_model("lite0-minilm", pretrained=None, pretrained_image=False, text_cfg=text_cfg,
-                                  force_preprocess_cfg=LITE0_PREPROCESS)
+    # open_clip warns "initialized partially" and transformers prints a load report for the
+    # unused BERT pooler; both are expected here (the image weights are loaded just below).
+    with _quiet_build():
+        clip = open_clip.create_model("lite0-minilm", pretrained=None, pretrained_image=False, text_cfg=text_cfg,
+                                      force_preprocess_cfg=LITE0_PREPROCESS)
     if pretrained == "offline":
         load_lite0_imagenet(clip.visual.trunk)
     tokenizer = PadToLongestTokenizer(folder, text_cfg["context_length"])
