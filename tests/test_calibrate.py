@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cmr.errors import ConfigError, DataError
-from cmr.retrieval.calibrate import CALIBRATORS, calibrate, sinkhorn_biases
+from cmr.retrieval.calibrate import CALIBRATORS, calibrate, option_grid, select_calibration, sinkhorn_biases
 from cmr.retrieval.metrics import positives_instance, retrieval_metrics
 
 
@@ -170,3 +170,86 @@ def test_sinkhorn_improves_r1_on_hub_case():
     hub_hits = int((scores.argmax(1) < 10).sum())
     assert hub_hits > 40, "the toy case must really have hubs"
     assert calibrated > raw + 0.05, (raw, calibrated)
+
+
+def test_option_grid_is_the_product_of_lists_with_defaults_for_the_rest():
+    assert option_grid("none") == [{}]
+    assert option_grid("sinkhorn", {"epsilon": [0.1, 0.2], "max_iter": 50}) == [
+        {"epsilon": 0.1, "max_iter": 50}, {"epsilon": 0.2, "max_iter": 50}]
+    assert option_grid("qbnorm", {"k": [1, 2]})[:2] == [{"beta": 5.0, "k": 1}, {"beta": 5.0, "k": 2}]
+    assert len(option_grid("dsl")) == 5
+    with pytest.raises(ConfigError, match="empty"):
+        option_grid("dsl", {"temperature": []})
+
+
+@pytest.mark.parametrize("name", ["sinkhorn", "dsl", "qbnorm", "inverted_softmax"])
+def test_selection_keeps_none_when_every_candidate_hurts(name):
+    scores, _, positives = hub_case(1, n_items=60)
+    # A bank whose every query scores each gallery column with one random constant in
+    # [0, 2] (twice the cosine range): the calibrators turn it into random per-item
+    # offsets that scramble the ranking, so no option may beat the raw scores.
+    column = 2 * torch.rand(60, generator=torch.Generator().manual_seed(3))
+    bank = column[None, :].repeat(40, 1)
+    sel = select_calibration(name, scores, bank, positives, ks=(1, 5, 10))
+    none_score = sel.candidates[0]["score"]
+    assert sel.candidates[0]["method"] == "none" and len(sel.candidates) == 6
+    assert all(c["score"] <= none_score for c in sel.candidates[1:]), sel.candidates
+    assert (sel.method, sel.options, sel.score) == ("none", {}, none_score)
+
+
+def test_selection_picks_sinkhorn_where_it_helps_and_scores_match_metrics():
+    scores, bank, positives = hub_case(0, n_items=120)
+    sel = select_calibration("sinkhorn", scores, bank, positives, {"epsilon": [0.05, 1.0]}, ks=(1, 5))
+    assert sel.method == "sinkhorn" and sel.score > sel.candidates[0]["score"]
+    for cand in sel.candidates:  # every recorded score is the metric of that candidate's scores
+        out, _ = calibrate(cand["method"], scores, bank, **cand["options"])
+        m = retrieval_metrics(out, positives, ks=(1, 5))
+        assert cand["score"] == pytest.approx(100 * (m["R@1"] + m["R@5"]))
+
+
+def _hub_split(gen, centres, common, n_items, texts_per_item):
+    """SplitEmbeddings of a hub case: a few images near the centre of every caption."""
+    from cmr.embeddings import SplitEmbeddings
+
+    norm = torch.nn.functional.normalize
+    items = torch.randn(n_items, centres, generator=gen)
+    items[:n_items // 20] = 0.6 * items[:n_items // 20] + 2.5 * common
+    text_item = torch.arange(n_items).repeat_interleave(texts_per_item)
+    text = norm(items[text_item] + 1.6 * torch.randn(len(text_item), centres, generator=gen) + common, dim=1)
+    return SplitEmbeddings(norm(items, dim=1), text, text_item, [f"i{i}" for i in range(n_items)],
+                           [f"t{t}" for t in range(len(text_item))], None, None)
+
+
+def test_stage_records_the_choice_made_on_validation_and_applies_it_to_test(tmp_path):
+    from cmr.embeddings import save_split
+    from cmr.io import read_json
+    from cmr.stages.calibrate import run
+
+    gen = torch.Generator().manual_seed(0)
+    common = torch.randn(32, generator=gen)
+    splits = {}
+    for split, n, per in (("train", 150, torch.tensor([1, 2]).repeat(75)), ("val", 80, torch.tensor([2, 1]).repeat(40)),
+                          ("test", 80, torch.ones(80, dtype=torch.long))):
+        splits[split] = _hub_split(gen, 32, common, n, per)
+        save_split(tmp_path / f"{split}.npz", splits[split])
+    meta = run(str(tmp_path), "sinkhorn", {"epsilon": [0.05, 1.0]}, "train", 5000, 0, "instance", (1, 5, 10),
+               str(tmp_path / "cal"))
+    saved = read_json(tmp_path / "cal" / "calibration.json")
+    assert saved["chosen"] == meta["chosen"]
+    test = splits["test"]
+    with np.load(tmp_path / "cal" / "test_scores.npz") as z:
+        got = {"t2i": z["t2i"], "i2t": z["i2t"]}
+    for d, (queries, gallery, bank) in {"t2i": (test.text, test.image, splits["train"].text),
+                                        "i2t": (test.image, test.text, splits["train"].image)}.items():
+        cands = saved["candidates"][d]
+        assert [c["method"] for c in cands] == ["none", "sinkhorn", "sinkhorn"]
+        assert [c["options"] for c in cands] == [{}, {"epsilon": 0.05}, {"epsilon": 1.0}]
+        best = max(cands, key=lambda c: c["score"])  # first of equals: 'none' wins ties
+        chosen = saved["chosen"][d]
+        assert (chosen["method"], chosen["options"], chosen["val_score"]) == (best["method"], best["options"], best["score"])
+        assert chosen["val_score"] >= cands[0]["score"]
+        expect, _ = calibrate(chosen["method"], queries @ gallery.T, bank @ gallery.T, **chosen["options"])
+        np.testing.assert_allclose(got[d], expect.numpy(), atol=1e-5)
+    # The hubs are real here, so Sinkhorn should be the choice in text->image at least.
+    assert saved["chosen"]["t2i"]["method"] == "sinkhorn"
+    assert saved["serving_bias"] and (tmp_path / "cal" / "serving_bias.npz").exists()

@@ -229,3 +229,72 @@ def dual_softmax(scores: torch.Tensor, bank: torch.Tensor, temperature: float = 
     log_prior = scores.double() / temperature - _bank_log_normaliser(bank, 1.0 / temperature)[None, :]
     log_prior = log_prior - log_prior.max(1, keepdim=True).values
     return scores.double() * torch.exp(log_prior)
+
+
+# ---------------------------------------------------------------- choosing options on validation
+
+#: Option grids tried when the user gives none. One scale for every method, as
+#: temperatures 0.01..0.2 (inverse temperatures 100..5): the right one depends on the
+#: spread of the model's scores (CLIP's logit scale is 100; a head trained here settled
+#: near 15), so it is chosen on validation rather than assumed.
+DEFAULT_GRIDS: dict[str, dict[str, list]] = {
+    "none": {},
+    "sinkhorn": {"epsilon": [0.01, 0.02, 0.05, 0.1, 0.2]},
+    "dsl": {"temperature": [0.01, 0.02, 0.05, 0.1, 0.2]},
+    "qbnorm": {"beta": [5.0, 10.0, 20.0, 50.0, 100.0]},
+    "inverted_softmax": {"beta": [5.0, 10.0, 20.0, 50.0, 100.0]},
+}
+
+
+def option_grid(name: str, options: dict | None = None) -> list[dict]:
+    """Every option set to try for calibrator ``name``.
+
+    A list value is a set of alternatives, a scalar a fixed option; the grid is their
+    Cartesian product. Options not given take their grid from ``DEFAULT_GRIDS``.
+    """
+    CALIBRATORS.get(name)
+    axes = {k: list(v) for k, v in DEFAULT_GRIDS.get(name, {}).items()}
+    for key, value in (options or {}).items():
+        axes[key] = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not axes[key]:
+            raise ConfigError(f"calibrator {name!r}: option {key!r} has an empty list of values")
+    grid = [{}]
+    for key, values in axes.items():
+        grid = [{**g, key: v} for g in grid for v in values]
+    return grid
+
+
+@dataclass
+class Selection:
+    """The calibration chosen on validation, and what every candidate scored there."""
+    method: str
+    options: dict
+    score: float                 # sum of R@K (percent) on validation
+    candidates: list[dict]       # [{"method", "options", "score"}], in the order tried
+
+
+def select_calibration(name: str, scores: torch.Tensor, bank: torch.Tensor | None, positives: torch.Tensor,
+                       options: dict | None = None, ks: tuple[int, ...] = (1, 5, 10),
+                       transductive: bool = False) -> Selection:
+    """Choose between no calibration and calibrator ``name`` over its option grid.
+
+    scores: [Q, G] validation queries against the validation gallery; bank: [B, G] the
+    query bank against the same gallery; positives: [Q, G] bool (queries without a
+    positive are left out). The criterion is the sum of R@K in percent. ``none`` is
+    tried first and a later candidate must beat the best so far strictly, so the choice
+    never scores below ``none`` on validation.
+    """
+    from cmr.retrieval.metrics import retrieval_metrics
+
+    keep = positives.any(dim=1)
+    scores, positives = scores[keep], positives[keep]
+    tried = [("none", {})] + ([] if name == "none" else [(name, o) for o in option_grid(name, options)])
+    rows, best = [], None
+    for method, opts in tried:
+        out, _ = calibrate(method, scores, bank, transductive=transductive, **opts)
+        metrics = retrieval_metrics(out, positives, ks=tuple(ks))
+        score = 100.0 * sum(metrics[f"R@{k}"] for k in ks)
+        rows.append({"method": method, "options": opts, "score": score})
+        if best is None or score > best["score"]:
+            best = rows[-1]
+    return Selection(best["method"], best["options"], best["score"], rows)

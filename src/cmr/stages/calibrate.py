@@ -4,23 +4,35 @@ The bank is made of *training* (or validation) queries scored against the galler
 the test queries enter the bank only when ``query_bank: test`` is asked for, and
 then every metric name carries the ``@transductive`` label.
 
+The calibrator's options are chosen on VALIDATION, per direction: validation queries
+against the validation gallery, with a training bank (with the validation queries as
+their own bank in the transductive setting). ``calibrate.options`` gives the grid (a
+list is a set of alternatives; options left out take ``DEFAULT_GRIDS``), and ``none``
+is always a candidate, so calibration never scores below the raw similarities on
+validation. The test split is only calibrated with what was chosen.
+
 Outputs: ``test_scores.npz`` (calibrated text->image [T, N] and image->text [N, T]
-scores of the test split) and, when the method turns into a per-gallery-item
-additive bias (Sinkhorn, inverted softmax), ``serving_bias.npz`` over the whole
+scores of the test split), ``calibration.json`` (the choice per direction and every
+candidate's validation score) and, when both chosen calibrations are a per-gallery-item
+additive bias (Sinkhorn, inverted softmax, none), ``serving_bias.npz`` over the whole
 gallery so the index can serve calibrated search.
 """
 from __future__ import annotations
 
 import sys
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from cmr.config import Params
 from cmr.embeddings import SplitEmbeddings, load_split
 from cmr.io import atomic_path, write_json
-from cmr.retrieval.calibrate import calibrate
-from cmr.config import Params
+from cmr.retrieval.calibrate import Selection, calibrate, select_calibration
+from cmr.retrieval.evaluation import positives_t2i
 from cmr.stages._common import log, stage_main
+
+DIRECTIONS = ("t2i", "i2t")
 
 
 def _bank(queries: torch.Tensor, max_bank: int, seed: int) -> torch.Tensor:
@@ -40,33 +52,68 @@ def additive_bias(method: str, bank_scores: torch.Tensor, options: dict) -> torc
     return None
 
 
+def _queries(split: SplitEmbeddings, direction: str) -> torch.Tensor:
+    return split.text if direction == "t2i" else split.image
+
+
+def _gallery(split: SplitEmbeddings, direction: str) -> torch.Tensor:
+    return split.image if direction == "t2i" else split.text
+
+
+def choose_on_validation(method: str, options: dict, val: SplitEmbeddings, bank_split: SplitEmbeddings | None,
+                         max_bank: int, seed: int, level: str, ks: Sequence[int]) -> dict[str, Selection]:
+    """Per direction, the calibration chosen on validation (``bank_split`` None: transductive)."""
+    pos = positives_t2i(val.text_item, val.image.shape[0], level, val.labels, val.identity)
+    chosen = {}
+    for direction, positives in zip(DIRECTIONS, (pos, pos.T)):
+        gallery = _gallery(val, direction)
+        scores = _queries(val, direction) @ gallery.T
+        bank = None if bank_split is None else _bank(_queries(bank_split, direction), max_bank, seed) @ gallery.T
+        chosen[direction] = select_calibration(method, scores, bank, positives, options, tuple(ks),
+                                               transductive=bank_split is None)
+    return chosen
+
+
 def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_bank: int, seed: int,
-        out_dir: str) -> dict:
+        level: str, ks: Sequence[int], out_dir: str) -> dict:
     test = load_split(f"{embeddings_dir}/test.npz")
-    bank_split = load_split(f"{embeddings_dir}/{query_bank}.npz")
+    val = load_split(f"{embeddings_dir}/val.npz")
     transductive = query_bank == "test"
-    bank_text = _bank(bank_split.text, max_bank, seed)
-    bank_image = _bank(bank_split.image, max_bank, seed)
-    t2i = test.text @ test.image.T
-    i2t = t2i.T.contiguous()
-    cal_t2i, suffix = calibrate(method, t2i, bank_text @ test.image.T, transductive=transductive, **options)
-    cal_i2t, _ = calibrate(method, i2t, bank_image @ test.text.T, transductive=transductive, **options)
+    # Selection mirrors the test-time setting on validation: an inductive bank comes
+    # from training queries (validation queries would be their own bank), a
+    # transductive one from the validation queries themselves.
+    chosen = choose_on_validation(method, options, val, None if transductive else load_split(f"{embeddings_dir}/train.npz"),
+                                  max_bank, seed, level, ks)
+    bank_split = load_split(f"{embeddings_dir}/{query_bank}.npz")
+    banks = {d: _bank(_queries(bank_split, d), max_bank, seed) for d in DIRECTIONS}
+    calibrated, suffix = {}, ""
+    for d in DIRECTIONS:
+        gallery = _gallery(test, d)
+        scores = _queries(test, d) @ gallery.T
+        bank = None if transductive else banks[d] @ gallery.T
+        calibrated[d], s = calibrate(chosen[d].method, scores, bank, transductive=transductive, **chosen[d].options)
+        suffix = suffix or s
     meta = {"method": method, "options": options, "query_bank": query_bank, "suffix": suffix,
-            "bank_sizes": {"t2i": int(bank_text.shape[0]), "i2t": int(bank_image.shape[0])}}
+            "bank_sizes": {d: int(banks[d].shape[0]) for d in DIRECTIONS},
+            "selection": {"on": "val", "bank": "val (transductive)" if transductive else "train",
+                          "criterion": f"sum of R@{{{','.join(map(str, ks))}}} per direction, percent"},
+            "chosen": {d: {"method": c.method, "options": c.options, "val_score": c.score} for d, c in chosen.items()},
+            "candidates": {d: c.candidates for d, c in chosen.items()}}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         with open(tmp / "test_scores.npz", "wb") as f:
-            np.savez(f, t2i=cal_t2i.numpy(), i2t=cal_i2t.numpy())
-        gallery = _whole_gallery(embeddings_dir)
+            np.savez(f, t2i=calibrated["t2i"].float().numpy(), i2t=calibrated["i2t"].float().numpy())
+        whole = _whole_gallery(embeddings_dir)
         # serving biases: bank queries of the bank split against the whole gallery
-        b_img = additive_bias(method, bank_text @ gallery.image.T, options) if method != "none" else None
-        b_txt = additive_bias(method, bank_image @ gallery.text.T, options) if method != "none" else None
-        if b_img is not None and b_txt is not None:
+        bias = {d: additive_bias(chosen[d].method, banks[d] @ _gallery(whole, d).T, chosen[d].options)
+                for d in DIRECTIONS}
+        meta["serving_bias"] = all(b is not None for b in bias.values())
+        if meta["serving_bias"]:
             with open(tmp / "serving_bias.npz", "wb") as f:
-                np.savez(f, image=b_img.numpy(), text=b_txt.numpy())
-        meta["serving_bias"] = b_img is not None and b_txt is not None
+                np.savez(f, image=bias["t2i"].float().numpy(), text=bias["i2t"].float().numpy())
         write_json(tmp / "calibration.json", meta)
-    log(f"calibrate: {method} with a {query_bank} query bank -> {out_dir}")
+    picked = ", ".join(f"{d}: {c.method} {c.options}" for d, c in chosen.items())
+    log(f"calibrate: {method} with a {query_bank} query bank; chosen on val: {picked} -> {out_dir}")
     return meta
 
 
@@ -77,7 +124,9 @@ def _whole_gallery(embeddings_dir: str) -> SplitEmbeddings:
 
 
 def from_params(p: Params):
-    return run(p.paths.embeddings, p.calibrate.method, p.calibrate.options, p.calibrate.query_bank, p.calibrate.max_bank, p.seed, p.paths.calibration)
+    c = p.calibrate
+    return run(p.paths.embeddings, c.method, c.options, c.query_bank, c.max_bank, p.seed,
+               p.evaluate.level, p.evaluate.ks, p.paths.calibration)
 
 
 def main(argv=None) -> int:
