@@ -253,3 +253,16 @@ def test_stage_records_the_choice_made_on_validation_and_applies_it_to_test(tmp_
     # The hubs are real here, so Sinkhorn should be the choice in text->image at least.
     assert saved["chosen"]["t2i"]["method"] == "sinkhorn"
     assert saved["serving_bias"] and (tmp_path / "cal" / "serving_bias.npz").exists()
+
+
+def test_sinkhorn_benchmark_runs_small(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_sinkhorn.py"
+    spec = importlib.util.spec_from_file_location("bench_sinkhorn", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--n", "200", "--dim", "32", "--clusters", "10", "--epsilon", "0.05"])
+    line = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert line[0] == "0.05" and line[-2] == "100.0%"  # same top-1 as the naive loop

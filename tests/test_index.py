@@ -124,3 +124,17 @@ def test_build_rejects_bad_input():
         build_index("ivf", x, [str(i) for i in range(50)], nlist=100)
     with pytest.raises(DataError, match="queries"):
         build_index("flat", x, [str(i) for i in range(50)]).search(np.zeros((2, 3)), 1)
+
+
+def test_index_benchmark_runs_small(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_index.py"
+    spec = importlib.util.spec_from_file_location("bench_index", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--n", "2000", "--dim", "32", "--queries", "50", "--clusters", "20", "--repeats", "1",
+                "--nprobe", "1", "51", "--ef-search", "16", "--hnsw-m", "8"])
+    out = capsys.readouterr().out
+    assert "ratio to best torch" in out and "fastest at recall >= 0.95: nprobe=51" in out

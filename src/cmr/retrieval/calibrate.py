@@ -144,7 +144,7 @@ def sinkhorn_biases(bank: torch.Tensor, epsilon: float = 0.01, max_iter: int = 1
         log_u, log_v = log["log_u"], log["log_v"]
     else:
         log_u, log_v = torch.log(log["u"]), torch.log(log["v"])
-    if not (torch.isfinite(plan).all() and torch.isfinite(log_u).all() and torch.isfinite(log_v).all()):
+    if not (torch.isfinite(log_u).all() and torch.isfinite(log_v).all()):
         if method == "sinkhorn_log":
             raise DataError("bank", "finite Sinkhorn scalings", f"log-domain Sinkhorn diverged at epsilon={epsilon}")
         return sinkhorn_biases(bank, epsilon, max_iter, stop_thr, gallery_weights, "sinkhorn_log")
