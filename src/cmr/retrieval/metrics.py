@@ -134,7 +134,7 @@ def retrieval_metrics(scores: torch.Tensor, positives: torch.Tensor, ks: Sequenc
     scores, positives = _check(scores, positives)
     first, ap, inp = [], [], []
     for ranked in _sorted_positive_chunks(scores, positives, chunk_size):
-        ranks = torch.arange(1, ranked.shape[1] + 1, dtype=torch.float64)
+        ranks = torch.arange(1, ranked.shape[1] + 1, dtype=torch.float64, device=ranked.device)
         hits = ranked.to(torch.float64)
         n_pos = hits.sum(1)
         precision = hits.cumsum(1) / ranks
