@@ -1,7 +1,13 @@
 """The registered MLflow model: a pyfunc that embeds texts (column ``text``) or images (column ``image_path``)."""
 from __future__ import annotations
 
+import warnings
+
 import mlflow.pyfunc
+
+# MLflow suggests type hints on predict() for automatic signature inference; the input is
+# a DataFrame with either a ``text`` or an ``image_path`` column, documented below.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 
 class TwoTowerEncoder(mlflow.pyfunc.PythonModel):
