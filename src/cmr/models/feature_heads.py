@@ -1,0 +1,139 @@
+"""CLIP4CMR mode on precomputed features: per-modality heads into a shared, L2-normalised space.
+
+:class:`FeatureHeads` has the head API that :func:`cmr.training.engine.train_heads`
+uses (``head_image``, ``head_text``, ``logit_scale``, ``embed_dim``), so any
+registered loss trains it on a :class:`~cmr.training.features.FeatureSet` of
+precomputed features (e.g. Wikipedia's 128-d SIFT / 10-d LDA) or of frozen
+backbone outputs.
+
+:class:`WithUnpaired` wraps a combined loss so that items of one modality whose
+partner is missing (the modality-imbalance study) still enter the row-wise
+class-wise terms.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cmr.losses import CombinedLoss, LossInputs
+from cmr.models.heads import build_head
+from cmr.training.features import FeatureSet
+
+#: losses whose value is a mean over independent rows of the stacked image+text batch: they
+#: need no partner, so an item seen in one modality only can still feed them
+ROW_WISE = frozenset({"ce", "label_regression", "prototype", "proxy_nca", "proxy_anchor", "center"})
+
+
+class Standardise(nn.Module):
+    """x -> (x - mean) / std with train-split statistics held as buffers (saved with the model).
+
+    SIFT histograms are L1-normalised (entries ~1e-2) and LDA topic proportions are
+    skewed: without this the first layer sees inputs on very different scales.
+    """
+
+    def __init__(self, mean: Tensor, std: Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.float().clone())
+        # a constant column (std 0) would divide by zero; leave it centred instead
+        self.register_buffer("std", torch.where(std > 1e-8, std, torch.ones_like(std)).float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class FeatureHeads(nn.Module):
+    """Two heads from per-modality input features to a joint D-dim space.
+
+    head_image: [B, F_i] -> [B, D] unit rows; head_text: [B, F_t] -> [B, D] unit rows.
+    ``logit_scale`` is log(1 / temperature); ``learn_scale=False`` freezes it so a
+    temperature can be swept as a hyper-parameter.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, embed_dim: int, head: str = "mlp", *,
+                 temperature: float = 0.07, learn_scale: bool = True,
+                 image_stats: tuple[Tensor, Tensor] | None = None, text_stats: tuple[Tensor, Tensor] | None = None):
+        super().__init__()
+        self.embed_dim = int(embed_dim)
+        self.norm_image = Standardise(*image_stats) if image_stats else nn.Identity()
+        self.norm_text = Standardise(*text_stats) if text_stats else nn.Identity()
+        self.proj_image = build_head(head, image_dim, embed_dim)
+        self.proj_text = build_head(head, text_dim, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_scale)
+
+    def head_image(self, x: Tensor) -> Tensor:
+        return F.normalize(self.proj_image(self.norm_image(x)), dim=-1)
+
+    def head_text(self, x: Tensor) -> Tensor:
+        return F.normalize(self.proj_text(self.norm_text(x)), dim=-1)
+
+
+def feature_heads_for(train: FeatureSet, embed_dim: int, head: str = "mlp", *, temperature: float = 0.07,
+                      learn_scale: bool = True) -> FeatureHeads:
+    """A :class:`FeatureHeads` sized for ``train`` and standardised with its statistics."""
+    stats = lambda x: (x.float().mean(0), x.float().std(0))
+    return FeatureHeads(train.image.shape[1], train.text.shape[1], embed_dim, head, temperature=temperature,
+                        learn_scale=learn_scale, image_stats=stats(train.image), text_stats=stats(train.text))
+
+
+def features_of(features: dict, rows: Sequence[int], labels: Tensor) -> FeatureSet:
+    """FeatureSet of one item per row of precomputed ``features['image'|'text']`` ([N, F] arrays).
+
+    labels: [len(rows), C] multi-hot. Each item has exactly one text, so text_item = arange.
+    """
+    rows = list(rows)
+    img = torch.as_tensor(features["image"][rows], dtype=torch.float32)
+    txt = torch.as_tensor(features["text"][rows], dtype=torch.float32)
+    return FeatureSet(img, txt, torch.arange(len(rows)), labels)
+
+
+class WithUnpaired(nn.Module):
+    """``combined`` on each paired batch, plus its row-wise class-wise terms on a batch of
+    unpaired single-modality items.
+
+    unpaired_image: [U_i, F_i] features of items whose text is missing, with labels [U_i, C];
+    unpaired_text likewise. Each call draws ``batch_size`` rows of each (with the generator
+    ``gen``, so runs are reproducible). The model is held outside the module tree: the
+    trainer already optimises its parameters, and listing them twice would break AdamW.
+    Returns (total, parts) as :class:`CombinedLoss`; parts gain ``unpaired``.
+    """
+
+    def __init__(self, combined: CombinedLoss, model: FeatureHeads, unpaired_image=None, unpaired_text=None,
+                 *, batch_size: int, gen: torch.Generator):
+        super().__init__()
+        self.combined = combined
+        self._model = (model,)
+        self.unpaired = {"image": unpaired_image, "text": unpaired_text}
+        self.batch_size, self.gen = int(batch_size), gen
+        self.row_wise = {n: l for n, l in combined.losses.items() if n in ROW_WISE}
+
+    @property
+    def requires(self):
+        return self.combined.requires
+
+    def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, float]]:
+        total, parts = self.combined(inputs)
+        if not self.row_wise:
+            return total, parts
+        model = self._model[0]
+        extra = None
+        for side, pair in self.unpaired.items():
+            if pair is None or len(pair[0]) == 0:
+                continue
+            feats, labels = pair
+            pick = torch.randint(len(feats), (min(self.batch_size, len(feats)),), generator=self.gen)
+            head = model.head_image if side == "image" else model.head_text
+            emb = head(feats[pick].to(inputs.image.device))
+            # image=text=emb: a row-wise loss averages over the stacked 2U rows, so the
+            # duplicate leaves its value and gradient direction unchanged
+            one_side = LossInputs(emb, emb, inputs.logit_scale, torch.arange(len(pick), device=emb.device),
+                                  labels=labels[pick].to(emb.device))
+            term = sum(self.combined.weights[n] * loss(one_side) for n, loss in self.row_wise.items())
+            extra = term if extra is None else extra + term
+        if extra is not None:
+            parts = {**parts, "unpaired": float(extra.detach())}
+            total = total + extra
+        return total, parts

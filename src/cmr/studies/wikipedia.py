@@ -1,0 +1,211 @@
+"""The Wikipedia CMR benchmark (Rasiwasia et al. 2010 features: 128-d SIFT BoW, 10-d LDA).
+
+Every pair-wise and class-wise objective trains :class:`~cmr.models.feature_heads.FeatureHeads`;
+its hyper-parameters (head kind, learning rate, temperature or margin) and its epoch are
+chosen on a validation split carved from the source's train split; the chosen setting
+is then trained with 5 seeds and reported on the source's 693-item test split.
+Metric: class-level mAP over the whole gallery (relevant = same category), both directions.
+
+The source split is used as published, although 3 image rows of train also occur in
+test (a flaw of the source that the validation stage reports).
+
+The features' folder is ``$CMR_WIKIPEDIA`` or ``../shared/datasets/wikipedia_cmr``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cmr.data.prepare import Prepared, prepare_dataset
+from cmr.errors import ConfigError
+from cmr.io import write_text
+from cmr.losses import build_loss
+from cmr.models.feature_heads import WithUnpaired, feature_heads_for, features_of
+from cmr.retrieval.evaluation import evaluate_embeddings
+from cmr.studies import STUDIES
+from cmr.training.engine import head_embeddings, train_heads
+from cmr.training.features import FeatureSet, label_matrix
+
+#: published class-level mAP on the same features (I2T, T2I), as quoted by JFSSL (Wang et al. 2016)
+PUBLISHED = {"CCA": (0.2549, 0.1846), "JFSSL": (0.3063, 0.2275)}
+
+#: objective name -> (loss weights, which option the "tau" grid sets: "temperature" | "margin" | None)
+OBJECTIVES: dict[str, tuple[dict, str | None]] = {
+    "infonce": ({"infonce": 1.0}, "temperature"),
+    "triplet": ({"triplet": 1.0}, "margin"),
+    "contrastive": ({"contrastive": 1.0}, "margin"),
+    "ce": ({"ce": 1.0}, None),
+    "label_regression": ({"label_regression": 1.0}, None),
+    "prototype": ({"prototype": 1.0}, None),
+    "proxy_nca": ({"proxy_nca": 1.0}, None),
+    "proxy_anchor": ({"proxy_anchor": 1.0}, None),
+    "supcon": ({"supcon": 1.0}, "temperature"),
+    "center+ce": ({"ce": 1.0, "center": 0.1}, None),  # centre loss alone collapses every point to one
+    "infonce+prototype": ({"infonce": 1.0, "prototype": 1.0}, "temperature"),
+    "supcon+ce": ({"supcon": 1.0, "ce": 1.0}, "temperature"),
+    "triplet+ce": ({"triplet": 1.0, "ce": 1.0}, "margin"),
+}
+TAU = {"temperature": (0.05, 0.1), "margin": (0.1, 0.4), None: (None,)}
+SELECT = "t2i/mAP"  # epoch selection; the hyper-parameter choice uses the mean of both directions
+DEFAULTS = dict(embed_dim=256, batch_size=128, weight_decay=0.05, epochs=15)
+
+
+def wikipedia_source() -> Path:
+    source = Path(os.environ.get("CMR_WIKIPEDIA", "../shared/datasets/wikipedia_cmr"))
+    if not (source / "wikipedia_cmr.npz").is_file():
+        raise ConfigError(f"wikipedia_cmr.npz not found in {source}; set CMR_WIKIPEDIA to the folder holding it")
+    return source
+
+
+def feature_splits(prepared: Prepared) -> dict[str, FeatureSet]:
+    """train / val / test FeatureSets of a precomputed-feature dataset (one text per item)."""
+    out = {}
+    for split in ("train", "val", "test"):
+        items = [it for it in prepared.items if it.split == split]
+        out[split] = features_of(prepared.features, [it.feature_row for it in items],
+                                 label_matrix(items, prepared.label_set))
+    return out
+
+
+def wikipedia_splits(val_fraction: float, seed: int) -> tuple[dict[str, FeatureSet], Prepared]:
+    prepared = prepare_dataset("features_npz", wikipedia_source(), {}, val_fraction, 0.0, seed)
+    return feature_splits(prepared), prepared
+
+
+def class_map(model, fs: FeatureSet) -> dict[str, float]:
+    """{'i2t': mAP, 't2i': mAP, 'avg': mean} at class level over the whole gallery."""
+    img, txt = head_embeddings(model, fs, "cpu")
+    m = evaluate_embeddings(img, txt, fs.text_item, "class", fs.labels, None, (1,))
+    return {"i2t": m["i2t/mAP"], "t2i": m["t2i/mAP"], "avg": 0.5 * (m["i2t/mAP"] + m["t2i/mAP"])}
+
+
+def train_objective(splits: dict[str, FeatureSet], losses: dict, hp: dict, seed: int, *,
+                    unpaired: dict | None = None) -> tuple[dict, dict, int]:
+    """Train one setting; return (val mAPs, test mAPs, selected epoch).
+
+    hp: head, lr, embed_dim, batch_size, weight_decay, epochs, tau_kind, tau. ``unpaired``
+    ({"image"|"text": (features, labels)}) adds single-modality items to row-wise class terms.
+    """
+    train = splits["train"]
+    temperature = hp["tau"] if hp.get("tau_kind") == "temperature" else 0.07
+    torch.manual_seed(seed)
+    model = feature_heads_for(train, hp["embed_dim"], hp["head"], temperature=temperature,
+                              learn_scale=hp.get("tau_kind") != "temperature")
+    options = {name: {"margin": hp["tau"]} for name in losses
+               if hp.get("tau_kind") == "margin" and name in ("triplet", "contrastive")}
+    num_classes = train.labels.shape[1]
+    loss_fn = build_loss(losses, options, hp["embed_dim"], num_classes)
+    if unpaired:
+        loss_fn = WithUnpaired(loss_fn, model, unpaired.get("image"), unpaired.get("text"),
+                               batch_size=hp["batch_size"], gen=torch.Generator().manual_seed(seed + 1))
+    result = train_heads(model, loss_fn, train, splits["val"], epochs=hp["epochs"], batch_size=hp["batch_size"],
+                         lr=hp["lr"], weight_decay=hp["weight_decay"], select_metric=SELECT, seed=seed,
+                         level="class", ks=(1,), log=lambda _msg: None)
+    return class_map(model, splits["val"]), class_map(model, splits["test"]), result.best_epoch
+
+
+def grid(tau_kind: str | None, quick: bool) -> list[dict]:
+    """The hyper-parameter grid searched on validation (quick: its first point only)."""
+    heads, lrs, dims = ("linear", "mlp"), (3e-4, 1e-3, 3e-3), (64, 256)
+    taus = TAU[tau_kind]
+    full = [dict(DEFAULTS, head=h, lr=lr, embed_dim=d, tau_kind=tau_kind, tau=t)
+            for h, lr, d, t in itertools.product(heads, lrs, dims, taus)]
+    return [dict(full[0], head="mlp", lr=1e-3)] if quick else full
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_table(out: Path, name: str, header: list[str], rows: list[list], title: str) -> list[Path]:
+    """``name``.csv and ``name``.md (atomically); returns both paths."""
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    write_text(out / f"{name}.csv", buf.getvalue())
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+    md = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    write_text(out / f"{name}.md", "\n".join(md) + "\n")
+    return [out / f"{name}.csv", out / f"{name}.md"]
+
+
+def study_out(name: str) -> Path:
+    out = Path("studies") / name
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_plot(fig, path: Path) -> Path:
+    from cmr.io import atomic_path
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    return path
+
+
+@STUDIES.register("wikipedia")
+def run(p, quick: bool = False) -> dict:
+    """Select each objective's setting on validation, then 5 seeds on test; table + plot + MLflow."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from cmr.tracking.study import log_study
+
+    t0 = time.perf_counter()
+    splits, prepared = wikipedia_splits(p.data.val_fraction, p.data.split_seed)
+    names = ["infonce", "prototype", "supcon+ce"] if quick else list(OBJECTIVES)
+    seeds = [0, 1] if quick else [0, 1, 2, 3, 4]
+    cells, rows, summary = [], [], {}
+    for name in names:
+        losses, tau_kind = OBJECTIVES[name]
+        settings = grid(tau_kind, quick)
+        if quick:
+            settings = [dict(s, epochs=3) for s in settings]
+        scored = []
+        for hp in settings:
+            val, _test, epoch = train_objective(splits, losses, hp, p.seed)  # test unused in selection
+            scored.append((val["avg"], hp, epoch))
+            cells.append({"name": f"{name}/select/{hp['head']}-lr{hp['lr']}-d{hp['embed_dim']}-tau{hp['tau']}",
+                          "params": {"objective": name, "phase": "select", **hp},
+                          "metrics": {"val/i2t_mAP": val["i2t"], "val/t2i_mAP": val["t2i"], "val/mAP": val["avg"],
+                                      "best_epoch": epoch}})
+        best_val, best_hp, _ = max(scored, key=lambda s: s[0])
+        tests = []
+        for seed in seeds:
+            _val, test, epoch = train_objective(splits, losses, best_hp, seed)
+            tests.append(test)
+            cells.append({"name": f"{name}/test/seed{seed}", "params": {"objective": name, "phase": "test",
+                                                                          "seed": seed, **best_hp},
+                          "metrics": {"test/i2t_mAP": test["i2t"], "test/t2i_mAP": test["t2i"],
+                                      "test/mAP": test["avg"], "best_epoch": epoch}})
+        stats = {k: mean_std([t[k] for t in tests]) for k in ("i2t", "t2i", "avg")}
+        summary[name] = stats
+        setting = f"{best_hp['head']}, lr {best_hp['lr']:g}, dim {best_hp['embed_dim']}" + (f", {tau_kind} {best_hp['tau']:g}" if tau_kind else "")
+        rows.append([name, setting, best_val] + [f"{stats[k][0]:.4f} ± {stats[k][1]:.4f}" for k in ("i2t", "t2i", "avg")])
+    for ref, (i2t, t2i) in PUBLISHED.items():
+        rows.append([f"{ref} (published)", "-", "-", f"{i2t:.4f}", f"{t2i:.4f}", f"{(i2t + t2i) / 2:.4f}"])
+    out = study_out("wikipedia")
+    header = ["objective", "setting chosen on val", "val mAP", "I2T mAP", "T2I mAP", "average mAP"]
+    files = write_table(out, "table", header, rows,
+                        f"Wikipedia CMR, class-level mAP on the 693 test items, {len(seeds)} seeds (mean ± std)")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    order = sorted(summary, key=lambda n: summary[n]["avg"][0])
+    ax.barh(order, [summary[n]["avg"][0] for n in order], xerr=[summary[n]["avg"][1] for n in order])
+    for ref, (i2t, t2i) in PUBLISHED.items():
+        ax.axvline((i2t + t2i) / 2, ls="--", color="grey")
+        ax.text((i2t + t2i) / 2, len(order) - 0.5, ref, rotation=90, va="top", fontsize=8)
+    ax.set_xlabel("average class-level mAP (test)")
+    files.append(save_plot(fig, out / "plot.png"))
+    plt.close(fig)
+    seconds = time.perf_counter() - t0
+    run_id = log_study(uri=p.tracking.uri, experiment=p.tracking.experiment, study="wikipedia", cells=cells,
+                       artifacts=files, params={"quick": quick, "seeds": seeds, "seconds": round(seconds, 1)},
+                       tags={"data_version/wikipedia_cmr": prepared.info["data_version"]})
+    return {"summary": summary, "files": [str(f) for f in files], "run_id": run_id, "seconds": seconds}
