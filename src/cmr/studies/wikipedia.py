@@ -187,7 +187,8 @@ def run(p, quick: bool = False) -> dict:
                                       "test/mAP": test["avg"], "best_epoch": epoch}})
         stats = {k: mean_std([t[k] for t in tests]) for k in ("i2t", "t2i", "avg")}
         summary[name] = stats
-        setting = f"{best_hp['head']}, lr {best_hp['lr']:g}, dim {best_hp['embed_dim']}" + (f", {tau_kind} {best_hp['tau']:g}" if tau_kind else "")
+        setting = f"{best_hp['head']}, lr {best_hp['lr']:g}, dim {best_hp['embed_dim']}"
+        setting += f", {tau_kind} {best_hp['tau']:g}" if tau_kind else ""
         rows.append([name, setting, best_val] + [f"{stats[k][0]:.4f} ± {stats[k][1]:.4f}" for k in ("i2t", "t2i", "avg")])
     for ref, (i2t, t2i) in PUBLISHED.items():
         rows.append([f"{ref} (published)", "-", "-", f"{i2t:.4f}", f"{t2i:.4f}", f"{(i2t + t2i) / 2:.4f}"])
