@@ -61,6 +61,8 @@ def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int]
             w.writerow(["k", *curves])
             for k in range(1, max_k + 1):
                 w.writerow([k, *(f"{c[k - 1]:.4f}" for c in curves.values())])
+    chosen = {d: c["method"] for d, c in cal.get("chosen", {}).items()}
+    log(f"evaluate: calibration chosen on validation per direction: {chosen}")
     log(f"evaluate: test rsum none={metrics['test']['none']['rsum']:.1f} {method}={metrics['test'][method]['rsum']:.1f}"
         f" random={metrics['random']['rsum']:.1f}")
     return metrics

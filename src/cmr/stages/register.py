@@ -49,6 +49,9 @@ def run(p: Params, params_path: str = "params.yaml") -> dict:
     tags = {"git_commit": commit, "git_dirty": str(dirty), "data_version": prepared_info["data_version"],
             "dataset": p.data.reader, "dvc_data_md5": str(dvc_dep_hash("dvc.lock", "ingest", p.data.source)),
             "calibration": p.calibrate.method, "query_bank": p.calibrate.query_bank}
+    calibration = read_json(Path(paths.calibration) / "calibration.json")
+    for direction, choice in calibration.get("chosen", {}).items():
+        tags[f"calibration_chosen_{direction}"] = f"{choice['method']} {choice['options']}"
     histories = {s: read_json(Path(d) / "history.json") for s, d in
                  (("pretrain", paths.pretrained), ("finetune", paths.finetuned)) if (Path(d) / "history.json").exists()}
     raw_params = yaml.safe_load(Path(params_path).read_text()) if Path(params_path).exists() else {}

@@ -110,6 +110,34 @@ def _select(model, loss_fn, epochs: int, run_epoch: Callable[[int], dict], evalu
     return result
 
 
+def _epoch_runner(model, loss_fn, opt, sched, fs: FeatureSet, batch_size: int, gen: torch.Generator,
+                  device: str, embed: Callable[[torch.Tensor, torch.Tensor], tuple]) -> Callable[[int], dict]:
+    """One pass over the (text, item) pairs; ``embed(rows, item)`` gives (image [B, D], text [B, D])."""
+    labels_fs = _on(fs, device)
+
+    def run_epoch(_epoch: int) -> dict:
+        model.train()
+        loss_fn.train()
+        sums: dict[str, float] = {}
+        batches = _pair_batches(fs, batch_size, gen)
+        for rows in batches:
+            item = fs.text_item[rows]
+            img, txt = embed(rows, item)
+            total, parts = loss_fn(_loss_inputs(img.float(), txt.float(), model.logit_scale.exp(),
+                                                item.to(device), labels_fs))
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
+                model.logit_scale.clamp_(0, math.log(100))
+            for k, v in {"loss": total.item(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v / len(batches)
+        return sums
+
+    return run_epoch
+
+
 def train_heads(model, loss_fn, train: FeatureSet, val: FeatureSet, *, epochs: int, batch_size: int, lr: float,
                 weight_decay: float, select_metric: str, seed: int, device: str = "cpu", level: str = "instance",
                 ks: Sequence[int] = (1, 5, 10), log: Callable[[str], None] = print) -> TrainResult:
@@ -122,26 +150,8 @@ def train_heads(model, loss_fn, train: FeatureSet, val: FeatureSet, *, epochs: i
     sched = _cosine(opt, steps, warmup=max(1, steps // 20))
     img_all, txt_all = train.image.to(device), train.text.to(device)
 
-    def run_epoch(_epoch):
-        model.train()
-        loss_fn.train()
-        sums: dict[str, float] = {}
-        batches = _pair_batches(train, batch_size, gen)
-        for rows in batches:
-            item = train.text_item[rows]
-            img = model.head_image(img_all[item.to(device)])
-            txt = model.head_text(txt_all[rows.to(device)])
-            total, parts = loss_fn(_loss_inputs(img, txt, model.logit_scale.exp(), item.to(device), _on(train, device)))
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
-                model.logit_scale.clamp_(0, math.log(100))
-            for k, v in {"loss": total.item(), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v / len(batches)
-        return sums
-
+    embed = lambda rows, item: (model.head_image(img_all[item.to(device)]), model.head_text(txt_all[rows.to(device)]))
+    run_epoch = _epoch_runner(model, loss_fn, opt, sched, train, batch_size, gen, device, embed)
     return _select(model, loss_fn, epochs, run_epoch, lambda: validate(model, val, device, level, ks),
                    select_metric, log)
 
@@ -170,31 +180,15 @@ def train_towers(model, loss_fn, tokenizer, preprocess_train, encode_val: Callab
     opt = _optimizer(model, loss_fn, lr, weight_decay)
     sched = _cosine(opt, steps, warmup=max(1, steps // 20))
     use_amp = amp and device.startswith("cuda")
-    labels_fs = _on(train_fs, device)
 
-    def run_epoch(_epoch):
-        model.train()
-        loss_fn.train()
-        sums: dict[str, float] = {}
-        batches = _pair_batches(train_fs, batch_size, gen)
-        for rows in batches:
-            item = train_fs.text_item[rows]
-            pixels = torch.stack([preprocess_train(load_image(root, train_items[i].image)) for i in item.tolist()])
-            pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            tokens = _tokens_to(tokenizer([texts[r] for r in rows.tolist()]), device)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                img, txt = model.encode_image(pixels), model.encode_text(tokens)
-            total, parts = loss_fn(_loss_inputs(img.float(), txt.float(), model.logit_scale.exp(),
-                                                item.to(device), labels_fs))
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            for k, v in {"loss": total.item(), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v / len(batches)
-        return sums
+    def embed(rows, item):
+        pixels = torch.stack([preprocess_train(load_image(root, train_items[i].image)) for i in item.tolist()])
+        pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        tokens = _tokens_to(tokenizer([texts[r] for r in rows.tolist()]), device)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+            return model.encode_image(pixels), model.encode_text(tokens)
+
+    run_epoch = _epoch_runner(model, loss_fn, opt, sched, train_fs, batch_size, gen, device, embed)
 
     def evaluate():
         fs = encode_val()
