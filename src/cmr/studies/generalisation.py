@@ -23,7 +23,7 @@ from cmr.config import Params
 from cmr.losses import build_loss
 from cmr.models import build_two_tower
 from cmr.retrieval.evaluation import evaluate_embeddings
-from cmr.stages._common import log
+from cmr.stages._common import log, resolve_device
 from cmr.studies import STUDIES
 from cmr.studies._common import prepare, save_figure, write_table
 from cmr.training.engine import head_embeddings, train_heads
@@ -43,7 +43,7 @@ def datasets(p: Params) -> dict[str, tuple[str, str]]:
 def run(p: Params, quick: bool = False) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(p.seed)
-    device = "cuda" if p.device == "cuda" else "cpu"
+    device = resolve_device(p.device)
     bundle = build_two_tower(p.model.arch, pretrained=p.model.pretrained, embed_dim=p.model.embed_dim, device=device)
     bundle.model.lock_image_tower()
     bundle.model.lock_text_tower()

@@ -33,7 +33,7 @@ from cmr.data.readers import READERS
 from cmr.data.schema import Item, by_split
 from cmr.errors import ConfigError
 from cmr.losses import build_loss
-from cmr.stages._common import log
+from cmr.stages._common import log, resolve_device
 from cmr.studies import STUDIES
 from cmr.studies._common import save_figure, start_model, write_table
 from cmr.training.engine import head_embeddings, train_heads
@@ -129,8 +129,7 @@ def augmented_features(bundle, prepared: Prepared, bid: str, base: FeatureSet, v
 @STUDIES.register("tbps")
 def run(p: Params, quick: bool = False) -> dict:
     t_start = time.perf_counter()
-    device = "cpu" if p.device == "auto" and not torch.cuda.is_available() else ("cuda" if p.device == "auto"
-                                                                                 else p.device)
+    device = resolve_device(p.device)
     prepared = person_data(p)
     bundle, bid = start_model(p, device)
     bundle.model.lock_image_tower()
