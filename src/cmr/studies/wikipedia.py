@@ -189,7 +189,7 @@ def run(p, quick: bool = False) -> dict:
         summary[name] = stats
         setting = f"{best_hp['head']}, lr {best_hp['lr']:g}, dim {best_hp['embed_dim']}"
         setting += f", {tau_kind} {best_hp['tau']:g}" if tau_kind else ""
-        rows.append([name, setting, best_val] + [f"{stats[k][0]:.4f} ± {stats[k][1]:.4f}" for k in ("i2t", "t2i", "avg")])
+        rows.append([name, setting, best_val] + [f"{m:.4f} ± {s:.4f}" for m, s in (stats[k] for k in ("i2t", "t2i", "avg"))])
     for ref, (i2t, t2i) in PUBLISHED.items():
         rows.append([f"{ref} (published)", "-", "-", f"{i2t:.4f}", f"{t2i:.4f}", f"{(i2t + t2i) / 2:.4f}"])
     out = study_out("wikipedia")
