@@ -52,6 +52,8 @@ def both_directions(t2i: torch.Tensor, i2t: torch.Tensor, positives: torch.Tenso
         for metric, value in retrieval_metrics(scores[keep], pos[keep], ks=tuple(ks)).items():
             out[f"{name}/{metric}{suffix}"] = float(value)
     out[f"rsum{suffix}"] = 100.0 * sum(out[f"{d}/R@{k}{suffix}"] for d in ("t2i", "i2t") for k in ks)
+    # the class-level selection number of CLIP4CMR-style studies: mean of the two directions' mAP
+    out[f"mAP{suffix}"] = 0.5 * (out[f"t2i/mAP{suffix}"] + out[f"i2t/mAP{suffix}"])
     return out
 
 
