@@ -84,3 +84,22 @@ def test_atomic_dir_replacement(tmp_path):
         (tmp / "new").write_text("y")
     assert sorted(p.name for p in d.iterdir()) == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_set_overrides_are_typed_and_checked(repo_root):
+    from cmr.config import parse_overrides
+
+    over = parse_overrides(["finetune.epochs=2", "calibrate.options={epsilon: [0.1, 0.2]}"])
+    p = load_params(repo_root / "params.yaml", over)
+    assert p.finetune.epochs == 2 and p.calibrate.options == {"epsilon": [0.1, 0.2]}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["epochs"])
+    with pytest.raises(ConfigError, match="finetune.epocs"):
+        load_params(repo_root / "params.yaml", parse_overrides(["finetune.epocs=2"]))
+
+
+def test_cli_stage_error_exits_nonzero_with_a_named_key(repo_root, capsys):
+    from cmr.cli import main
+
+    assert main(["--params", str(repo_root / "params.yaml"), "--set", "data.readr=x", "stage", "ingest"]) == 2
+    assert "data.readr" in capsys.readouterr().err

@@ -77,6 +77,8 @@ def search(params_path: str, query: str | None, image: str | None, k: int) -> li
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cmr", description="Cross-modal retrieval study pipeline.")
     ap.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting for this run, e.g. --set finetune.epochs=2 (YAML value; repeatable)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stage", help="run one pipeline stage")
     st.add_argument("name", choices=STAGES)
@@ -92,11 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     ls.add_argument("what", choices=("readers", "losses", "calibrators", "indexes", "archs", "studies"))
     args = ap.parse_args(argv)
     try:
+        stage_argv = ["--params", args.params, *(a for pair in args.set for a in ("--set", pair))]
         if args.cmd == "stage":
-            return importlib.import_module(f"cmr.stages.{args.name}").main(["--params", args.params])
+            return importlib.import_module(f"cmr.stages.{args.name}").main(stage_argv)
         if args.cmd == "pipeline":
             for name in STAGES:
-                rc = importlib.import_module(f"cmr.stages.{name}").main(["--params", args.params])
+                rc = importlib.import_module(f"cmr.stages.{name}").main(stage_argv)
                 if rc:
                     return rc
             return 0
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             from cmr.config import load_params
             from cmr.studies import load_all
 
-            load_all().get(args.name)(load_params(args.params), quick=args.quick)
+            load_all().get(args.name)(load_params(args.params, parse_overrides(args.set)), quick=args.quick)
             return 0
         if args.cmd == "list":
             print("\n".join(_registries()[args.what]))

@@ -161,3 +161,14 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
             node = node.setdefault(p, {})
         node[last] = value
     return parse_params(raw, str(path))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["a.b=3", "c=[1, 2]"]`` -> ``{"a.b": 3, "c": [1, 2]}`` (values parsed as YAML)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. finetune.epochs=2")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Callable
 
-from cmr.config import Params, load_params
+from cmr.config import Params, load_params, parse_overrides
 from cmr.errors import CmrError
 
 # No network is the normal case for this project: keep telemetry and hub look-ups off
@@ -39,9 +39,10 @@ def log(msg: str) -> None:
 def stage_main(name: str, body: Callable[[Params], object], argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m cmr.stages.{name}")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     args = ap.parse_args(argv)
     try:
-        body(load_params(args.params))
+        body(load_params(args.params, parse_overrides(args.set)))
     except CmrError as e:
         log(f"cmr {name}: error: {e}")
         return 2
