@@ -29,7 +29,7 @@ install-gpu: install
 
 run: install
 	PATH=$(BIN):$$PATH dvc repro
-	PATH=$(BIN):$$PATH dvc metrics show
+	$(BIN)/cmr metrics
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -25,3 +25,13 @@ def test_search_needs_exactly_one_query_kind():
         main(["search"])
     with pytest.raises(SystemExit):
         main(["search", "text", "--image", "x.jpg"])
+
+
+def test_metrics_table_prints_percentages_per_row():
+    from cmr.cli import metrics_table
+
+    m = {f"{d}/R@{k}": k / 100 for d in ("t2i", "i2t") for k in (1, 5, 10)} | {"rsum": 32.0}
+    table = metrics_table({"val": m, "test": {"none": m, "sinkhorn": m}, "random": m}).splitlines()
+    assert [ln.split()[0] for ln in table[1:]] == ["validation", "test,", "test,", "test,"]
+    assert "test, sinkhorn" in table[3] and table[3].split()[-7:] == ["1.0", "5.0", "10.0", "1.0", "5.0", "10.0",
+                                                                      "32.0"]

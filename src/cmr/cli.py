@@ -4,6 +4,7 @@
     cmr pipeline                  # every stage in order, without DVC
     cmr search "a red apple" --k 5
     cmr search --image path.jpg --k 5
+    cmr metrics                   # the latest evaluation as a short table
     cmr study wikipedia           # a registered study (tables, plot, one MLflow parent run)
     cmr list losses               # registered names (readers, losses, calibrators, indexes, archs, studies)
 """
@@ -74,6 +75,19 @@ def search(params_path: str, query: str | None, image: str | None, k: int) -> li
     return hits
 
 
+def metrics_table(metrics: dict, ks=(1, 5, 10)) -> str:
+    """The evaluate stage's metrics file as a short text table (R@K in percent)."""
+    rows = [("validation (selection)", metrics["val"])]
+    rows += [(f"test, {'uncalibrated' if name == 'none' else name}", m) for name, m in metrics["test"].items()]
+    rows.append(("test, random ranking", metrics["random"]))
+    head = " ".join(f"{d} R@{k}".rjust(8) for d in ("t2i", "i2t") for k in ks) + "    rsum"
+    lines = [" " * 26 + head]
+    for name, m in rows:
+        cells = " ".join(f"{100 * m[f'{d}/R@{k}']:8.1f}" for d in ("t2i", "i2t") for k in ks)
+        lines.append(f"{name:<26}{cells}  {m['rsum']:6.1f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cmr", description="Cross-modal retrieval study pipeline.")
     ap.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
@@ -90,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     sy = sub.add_parser("study", help="run a registered study (`cmr list studies`)")
     sy.add_argument("name")
     sy.add_argument("--quick", action="store_true", help="a small version of the study (smoke run)")
+    sub.add_parser("metrics", help="the latest evaluation as a short table")
     ls = sub.add_parser("list", help="registered names")
     ls.add_argument("what", choices=("readers", "losses", "calibrators", "indexes", "archs", "studies"))
     args = ap.parse_args(argv)
@@ -114,6 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             from cmr.studies import load_all
 
             load_all().get(args.name)(load_params(args.params, parse_overrides(args.set)), quick=args.quick)
+            return 0
+        if args.cmd == "metrics":
+            from cmr.config import load_params, parse_overrides
+            from cmr.io import read_json
+
+            path = Path(load_params(args.params, parse_overrides(args.set)).paths.metrics)
+            if not path.exists():
+                raise CmrError(f"{path}: no metrics yet; run `make run` (or `cmr pipeline`) first")
+            print(metrics_table(read_json(path)))
             return 0
         if args.cmd == "list":
             print("\n".join(_registries()[args.what]))

@@ -36,6 +36,7 @@ class ModelCfg(Section):
     arch: str = "lite0-minilm"
     pretrained: str = "offline"  # 'offline' towers, an open_clip tag, or a checkpoint path
     embed_dim: int = Field(256, ge=8)
+    head: Literal["linear", "mlp", "identity"] = "linear"
     lock_image: bool = True
     lock_text: bool = True
 

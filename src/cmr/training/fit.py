@@ -61,7 +61,8 @@ def num_classes_for(prepared: Prepared, losses: dict) -> int:
     return len(prepared.label_set)
 
 
-def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_dim: int, init_dir: str | None,
+def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_dim: int, head: str,
+        init_dir: str | None,
         lock_image: bool, lock_text: bool, losses: dict, loss_options: dict, epochs: int, batch_size: int,
         lr: float, weight_decay: float, select_metric: str, seed: int, device: str, amp: bool, level: str,
         ks: Sequence[int], cache_dir: str | None, log: Callable[[str], None]) -> TrainResult:
@@ -70,7 +71,7 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
         bundle = load_two_tower(Path(init_dir) / "model", device=device)
         bid = backbone_id(Path(init_dir), arch, pretrained)
     else:
-        bundle = build_two_tower(arch, pretrained=pretrained, embed_dim=embed_dim, device=device)
+        bundle = build_two_tower(arch, pretrained=pretrained, embed_dim=embed_dim, head=head, device=device)
         bid = backbone_id(None, arch, pretrained)
     model = bundle.model
     if lock_image:
