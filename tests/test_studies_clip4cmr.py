@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from cmr.losses import build_loss
-from cmr.models.feature_heads import FeatureHeads, WithUnpaired, feature_heads_for
+from cmr.errors import ConfigError, DataError
+from cmr.models.feature_heads import (FeatureHeads, WithUnpaired, feature_heads_for, hellinger,
+                                       knn_label_votes)
 from cmr.studies.clip4cmr import drop_modality
 from cmr.training.features import FeatureSet
 
@@ -114,6 +116,43 @@ def test_trained_heads_beat_random_ranking_on_wikipedia(wiki):
     assert 0.1 < prior < 0.13
     assert test["i2t"] > prior + 0.1 and test["t2i"] > prior + 0.07
     assert test["avg"] > untrained["avg"] + 0.05
+
+
+def _naive_votes(queries, bank, labels, k, temperature):
+    """One query at a time, in plain Python: the reference for knn_label_votes."""
+    out = []
+    for q in queries.double():
+        sims = [(float(q @ b / (q.norm() * b.norm())), i) for i, b in enumerate(bank.double())]
+        sims = sorted((pair for pair in sims if pair[0] < 1 - 1e-6), reverse=True)[:k]
+        votes = [0.0] * labels.shape[1]
+        for s, i in sims:
+            for c in range(labels.shape[1]):
+                votes[c] += math.exp((s - 1) / temperature) * float(labels[i, c]) / float(labels[i].sum())
+        out.append([v / sum(votes) for v in votes])
+    return torch.tensor(out)
+
+
+@needs_wiki
+def test_knn_votes_match_naive_reference_and_skip_self(wiki):
+    bank, labels = hellinger(wiki["train"].image[:300]), wiki["train"].labels[:300]
+    queries = hellinger(wiki["val"].image[:20])
+    got = knn_label_votes(queries, bank, labels, 7, 0.05)
+    assert torch.allclose(got, _naive_votes(queries, bank, labels, 7, 0.05).float(), atol=1e-5)
+    assert torch.allclose(got.sum(1), torch.ones(20))
+    # bank = queries: with k = 1 each row gets its nearest *other* row's label, never its own
+    own = knn_label_votes(bank[:50], bank[:50], labels[:50], 1, 0.05)
+    sims = torch.nn.functional.normalize(bank[:50], dim=1) @ torch.nn.functional.normalize(bank[:50], dim=1).T
+    nearest_other = sims.fill_diagonal_(-2).argmax(1)
+    assert torch.equal(own, labels[:50][nearest_other].float())
+
+
+def test_knn_votes_and_hellinger_reject_bad_input():
+    x = torch.rand(5, 3)
+    with pytest.raises(ConfigError, match="knn k"):
+        knn_label_votes(x, x, torch.eye(3)[[0, 1, 2, 0, 1]], 5, 0.1)
+    with pytest.raises(DataError, match="row 1"):
+        hellinger(torch.tensor([[0.2, 0.8], [0.5, -0.1]]))
+    assert torch.allclose(hellinger(torch.tensor([[0.25, 0.0, 0.75]])) ** 2, torch.tensor([[0.25, 0.0, 0.75]]))
 
 
 def _quick(name, tmp_path, monkeypatch):

@@ -9,6 +9,12 @@ backbone outputs.
 :class:`WithUnpaired` wraps a combined loss so that items of one modality whose
 partner is missing (the modality-imbalance study) still enter the row-wise
 class-wise terms.
+
+:func:`hellinger` and :func:`knn_label_votes` are input feature maps for histogram
+features (the Wikipedia study's image side): the square root turns the cosine of two
+L1-normalised histograms into their Bhattacharyya coefficient, and the votes of a
+sample's nearest training images are a non-parametric class posterior that the head
+gets beside the histogram.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmr.errors import ConfigError, DataError
 from cmr.losses import CombinedLoss, LossInputs
 from cmr.models.heads import build_head
 from cmr.training.features import FeatureSet
@@ -69,6 +76,35 @@ class FeatureHeads(nn.Module):
 
     def head_text(self, x: Tensor) -> Tensor:
         return F.normalize(self.proj_text(self.norm_text(x)), dim=-1)
+
+
+def hellinger(x: Tensor) -> Tensor:
+    """[N, F] non-negative histograms -> [N, F] element-wise square roots."""
+    if (x < 0).any():
+        row = int((x < 0).any(1).nonzero()[0])
+        raise DataError("features", "non-negative histogram entries for the Hellinger map",
+                        f"row {row} has a negative entry")
+    return x.sqrt()
+
+
+def knn_label_votes(queries: Tensor, bank: Tensor, bank_labels: Tensor, k: int, temperature: float) -> Tensor:
+    """Soft class votes of each query's ``k`` nearest bank rows by cosine similarity.
+
+    queries: [Q, F]; bank: [N, F]; bank_labels: [N, C] multi-hot -> [Q, C], rows summing to 1.
+    A neighbour with cosine s weighs exp((s - 1) / temperature). Bank rows identical in
+    direction to the query (s >= 1 - 1e-6) are skipped: a training item must not vote
+    for itself (the training features are then leave-one-out), nor may a source row
+    that occurs in both train and test hand a test item its training label.
+    """
+    if k < 1 or k >= bank.shape[0]:
+        raise ConfigError(f"knn k: must be in [1, {bank.shape[0] - 1}] for a bank of {bank.shape[0]} rows, got {k}")
+    sims = F.normalize(queries.double(), dim=1) @ F.normalize(bank.double(), dim=1).T
+    sims = sims.masked_fill(sims >= 1 - 1e-6, float("-inf"))
+    top, idx = sims.topk(k, dim=1)
+    weights = ((top - 1) / temperature).exp()  # [Q, k]; -inf (skipped) -> 0
+    labels = bank_labels.double()
+    votes = torch.einsum("qk,qkc->qc", weights, labels[idx] / labels[idx].sum(-1, keepdim=True).clamp_min(1))
+    return (votes / votes.sum(1, keepdim=True).clamp_min(1e-12)).float()
 
 
 def feature_heads_for(train: FeatureSet, embed_dim: int, head: str = "mlp", *, temperature: float = 0.07,
