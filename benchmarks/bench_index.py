@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
     p.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--hnsw-m", type=int, nargs="+", default=[32], help="one HNSW graph per M")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -106,9 +106,11 @@ def main(argv=None) -> None:
     ivf_build = time.perf_counter() - start
     sweep(f"ivf nlist={ivf.faiss_index.nlist}", ivf, "nprobe",
           [v for v in args.nprobe if v <= ivf.faiss_index.nlist], ivf_build)
-    start = time.perf_counter()
-    hnsw = build_index("hnsw", gallery, ids, device="cpu", M=args.hnsw_m)
-    sweep(f"hnsw M={args.hnsw_m}", hnsw, "ef_search", args.ef_search, time.perf_counter() - start)
+    for m in args.hnsw_m:
+        start = time.perf_counter()
+        hnsw = build_index("hnsw", gallery, ids, device="cpu", M=m)
+        sweep(f"hnsw M={m}", hnsw, "ef_search", args.ef_search, time.perf_counter() - start)
+        del hnsw
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""NCL Sinkhorn calibration time (POT) against a naive numpy loop, measured in one process.
+"""NCL Sinkhorn calibration time (cmr's float32 torch loop) against a naive numpy loop, in one process.
 
 Data: query bank, test queries and gallery drawn from one clustered Gaussian mixture and
 L2-normalised; scores are cosine similarities, as from a CLIP-style model.

@@ -61,15 +61,25 @@ def test_sinkhorn_matches_loop_reference_and_marginals(B, G, weights):
     np.testing.assert_allclose(diff - diff.mean(), np.tile(ref - ref.mean(), (7, 1)), atol=1e-8)
 
 
-@pytest.mark.parametrize("epsilon,expect", [(0.05, "sinkhorn/float32"), (0.01, "sinkhorn/float64"),
-                                            (0.001, "sinkhorn_log/float64")])
-def test_sinkhorn_picks_a_stable_method_and_meets_marginals(epsilon, expect):
+# At epsilon 0.001 the plan is nearly a hard assignment: the marginals pin the potentials
+# down only loosely, so equal marginal errors allow a larger bias difference.
+@pytest.mark.parametrize("epsilon,bias_tol", [(0.05, 1e-3), (0.01, 1e-3), (0.001, 3e-2)])
+def test_sinkhorn_float32_scaling_meets_marginals_and_matches_pot_log_domain(epsilon, bias_tol):
+    # epsilon 0.001 spans exp(-2000) in the kernel: only the folding of scalings into
+    # log potentials keeps float32 finite there.
     bank = cosine_scores(30, 20, seed=3)
-    res = sinkhorn_biases(bank, epsilon=epsilon, max_iter=20000, stop_thr=1e-3)
-    assert res.method == expect
-    assert res.marginal_error <= 1e-3
+    res = sinkhorn_biases(bank, epsilon=epsilon, max_iter=20000, stop_thr=1e-5)
+    assert res.method == "scaling/float32"
+    assert res.marginal_error <= 1e-5
     assert torch.isfinite(res.gallery_bias).all()
-    assert torch.allclose(res.plan.sum(1).double(), torch.full((30,), 1 / 30, dtype=torch.float64), rtol=1e-3)
+    assert torch.allclose(res.plan.sum(1).double(), torch.full((30,), 1 / 30, dtype=torch.float64), rtol=1e-5)
+    col_error = torch.linalg.norm(res.plan.sum(0).double() - 1 / 20) / torch.linalg.norm(torch.full((20,), 1 / 20))
+    assert float(col_error) <= 2e-5  # re-summed from the float32 plan: rounding on top of 1e-5
+    ref = sinkhorn_biases(bank.double(), epsilon=epsilon, max_iter=100000, stop_thr=1e-7, method="sinkhorn_log")
+    assert ref.method == "sinkhorn_log/float64"
+    got, want = res.gallery_bias.double(), ref.gallery_bias
+    # Biases are defined up to a constant; compared in units of epsilon (log units).
+    assert float(((got - got.mean()) - (want - want.mean())).abs().max()) < epsilon * bias_tol
 
 
 def test_sinkhorn_warns_when_it_stops_early():
@@ -253,16 +263,3 @@ def test_stage_records_the_choice_made_on_validation_and_applies_it_to_test(tmp_
     # The hubs are real here, so Sinkhorn should be the choice in text->image at least.
     assert saved["chosen"]["t2i"]["method"] == "sinkhorn"
     assert saved["serving_bias"] and (tmp_path / "cal" / "serving_bias.npz").exists()
-
-
-def test_sinkhorn_benchmark_runs_small(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_sinkhorn.py"
-    spec = importlib.util.spec_from_file_location("bench_sinkhorn", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--n", "200", "--dim", "32", "--clusters", "10", "--epsilon", "0.05"])
-    line = capsys.readouterr().out.strip().splitlines()[-1].split()
-    assert line[0] == "0.05" and line[-2] == "100.0%"  # same top-1 as the naive loop

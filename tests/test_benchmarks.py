@@ -1,0 +1,47 @@
+"""Each benchmark script runs at toy size and prints its ratio lines (the numbers are the README's job)."""
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def ratios(text, pattern):
+    return [float(x) for x in re.findall(pattern, text)]
+
+
+def test_bench_index_prints_ratios_and_recall(capsys):
+    load("bench_index").main(["--n", "3000", "--dim", "32", "--queries", "50", "--clusters", "30", "--repeats", "1",
+                              "--nprobe", "1", "4", "--ef-search", "16", "64", "--hnsw-m", "8", "16"])
+    out = capsys.readouterr().out
+    assert len(ratios(out, r"ratio to best torch (\d+\.\d+)")) == 3
+    assert "same top-10 set for 100.0% of queries" in out
+    recalls = ratios(out, r"x +(\d\.\d{3})\n")
+    assert len(recalls) == 6 and all(0.0 <= r <= 1.0 for r in recalls)
+
+
+def test_bench_sinkhorn_prints_ratio_and_agrees_with_naive(capsys):
+    load("bench_sinkhorn").main(["--n", "300", "--dim", "32", "--clusters", "20", "--epsilon", "0.05", "0.01"])
+    out = capsys.readouterr().out
+    rows = re.findall(r"^(0\.0[15]) +(\S+) +(\d+) +(\S+) +(\d+) +(\S+) +(\S+)x +(\S+)% +(\S+)$", out, re.M)
+    assert [r[0] for r in rows] == ["0.05", "0.01"]
+    for row in rows:
+        assert row[1] == "scaling/float32" and float(row[6]) > 0
+        assert float(row[7]) >= 99.0  # top-1 of the naive float64 loop kept
+
+
+@pytest.mark.slow
+def test_bench_encode_prints_overhead_ratio(capsys):
+    load("bench_encode").main(["--items", "8", "--repeats", "1", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert "max |pipeline - bare| on 4 items: image 0.00e+00" in out
+    assert len(ratios(out, r"(?:median|best): overhead ratio pipeline / bare open_clip: (\d+\.\d+)")) == 2
