@@ -46,3 +46,4 @@ flow: install
 bench: install
 	$(BIN)/python benchmarks/bench_index.py
 	$(BIN)/python benchmarks/bench_sinkhorn.py
+	$(BIN)/python benchmarks/bench_encode.py
