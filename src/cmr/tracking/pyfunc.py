@@ -1,13 +1,8 @@
 """The registered MLflow model: a pyfunc that embeds texts (column ``text``) or images (column ``image_path``)."""
 from __future__ import annotations
 
-import warnings
-
 import mlflow.pyfunc
-
-# MLflow suggests type hints on predict() for automatic signature inference; the input is
-# a DataFrame with either a ``text`` or an ``image_path`` column, documented below.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+import pandas as pd
 
 
 class TwoTowerEncoder(mlflow.pyfunc.PythonModel):
@@ -19,7 +14,7 @@ class TwoTowerEncoder(mlflow.pyfunc.PythonModel):
         self.bundle = load_two_tower(context.artifacts["model_dir"], device="cpu")
         self.bundle.model.eval()
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         import numpy as np
         import torch
         from PIL import Image
