@@ -35,3 +35,24 @@ def test_metrics_table_prints_percentages_per_row():
     assert [ln.split()[0] for ln in table[1:]] == ["validation", "test,", "test,", "test,"]
     assert "test, sinkhorn" in table[3] and table[3].split()[-7:] == ["1.0", "5.0", "10.0", "1.0", "5.0", "10.0",
                                                                       "32.0"]
+
+
+def test_unknown_study_names_the_nearest(capsys):
+    assert main(["study", "wikipedai"]) == 2
+    assert "did you mean 'wikipedia'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_study_runs_through_the_cli_with_overrides(tmp_path, repo_root, shared_datasets, monkeypatch):
+    """`cmr --set ... study NAME` reaches the study with the overridden params (a real quick study)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CMR_WIKIPEDIA", str(shared_datasets / "wikipedia_cmr"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["--params", str(repo_root / "params.yaml"), "--set", f"tracking.uri={uri}",
+                 "study", "wikipedia", "--quick"]) == 0
+    assert (tmp_path / "studies" / "wikipedia-quick").is_dir()
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.study = 'wikipedia'")
+    assert len(runs) >= 2  # the parent and at least one nested cell

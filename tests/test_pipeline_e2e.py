@@ -95,7 +95,7 @@ def test_dvc_repro_end_to_end(project):
     assert "val/rsum" in run.data.metrics and "test/sinkhorn/t2i/R_at_1" in run.data.metrics
     assert "champion_decision" in run.data.tags
     # the registered pyfunc embeds text
-    model = mlflow.pyfunc.load_model(f"models:/cmr-default@champion")
+    model = mlflow.pyfunc.load_model("models:/cmr-default@champion")
     import pandas as pd
 
     emb = model.predict(pd.DataFrame({"text": ["a red apple", "a computer"]}))

@@ -166,7 +166,7 @@ def _quick(name, tmp_path, monkeypatch):
                                            "paths.cache": str(repo / "data/cache")})
     result = load_all().get(name)(p, quick=True)
     for f in ("table.csv", "table.md", "plot.png"):
-        assert (tmp_path / "studies" / name / f).stat().st_size > 100
+        assert (tmp_path / "studies" / f"{name}-quick" / f).stat().st_size > 100
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -180,7 +180,7 @@ def _quick(name, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_wikipedia_study_quick(tmp_path, monkeypatch):
     result = _quick("wikipedia", tmp_path, monkeypatch)
-    table = (tmp_path / "studies/wikipedia/table.md").read_text()
+    table = (tmp_path / "studies/wikipedia-quick/table.md").read_text()
     assert "JFSSL (published)" in table and "0.3063" in table
     assert all(v["avg"][0] > 0.15 for v in result["summary"].values())
 

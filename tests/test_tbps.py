@@ -75,4 +75,4 @@ def test_quick_tbps_study_runs(tmp_path, monkeypatch, shared_datasets):
     assert [r["row"] for r in out["rows"]] == ["baseline InfoNCE", "N-ITC", "+ augmentation"]
     for r in out["rows"]:
         assert 0 <= r["t2i/mINP"] <= 100 and 0 <= r["t2i/mAP"] <= 100
-    assert (tmp_path / "studies/tbps/table.md").is_file() and (tmp_path / "studies/tbps/plot.png").is_file()
+    assert (tmp_path / "studies/tbps-quick/table.md").is_file() and (tmp_path / "studies/tbps-quick/plot.png").is_file()

@@ -15,6 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from cmr.config import load_params, parse_overrides
 from cmr.errors import CmrError
 
 STAGES = ("ingest", "validate", "pretrain", "finetune", "encode", "calibrate", "index", "evaluate", "register")
@@ -33,18 +34,18 @@ def _registries() -> dict:
             "indexes": INDEXES.names(), "archs": list_architectures()}
 
 
-def search(params_path: str, query: str | None, image: str | None, k: int) -> list[dict]:
+def search(params_path: str, query: str | None, image: str | None, k: int,
+           overrides: dict | None = None) -> list[dict]:
     """Top-``k`` gallery items for a text (text->image) or an image (image->text)."""
     import torch
     from PIL import Image
 
-    from cmr.config import load_params
     from cmr.data.prepare import load_prepared
     from cmr.io import read_json
     from cmr.models import load_two_tower
     from cmr.retrieval.index import load_index
 
-    p = load_params(params_path)
+    p = load_params(params_path, overrides)
     index_dir = Path(p.paths.index)
     if not (index_dir / "gallery.json").exists():
         raise CmrError(f"{index_dir}: no index yet; run `make run` (or `cmr pipeline`) first")
@@ -73,6 +74,14 @@ def search(params_path: str, query: str | None, image: str | None, k: int) -> li
         hits.append({"score": round(float(score), 4), "id": item_id, "text": text,
                      "image": str(prepared.root / it.image) if it and it.image else None})
     return hits
+
+
+def studies_error(studies, name: str) -> str:
+    try:
+        studies.get(name)
+    except KeyError as e:
+        return e.args[0]
+    return ""
 
 
 def metrics_table(metrics: dict, ks=(1, 5, 10)) -> str:
@@ -121,17 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "search":
             if (args.query is None) == (args.image is None):
                 ap.error("give either a text query or --image PATH")
-            for rank, hit in enumerate(search(args.params, args.query, args.image, args.k), 1):
+            for rank, hit in enumerate(search(args.params, args.query, args.image, args.k, parse_overrides(args.set)), 1):
                 print(f"{rank:2d}. {hit['score']:.4f}  {hit['id']}  {hit['text']!r}  {hit['image'] or ''}")
             return 0
         if args.cmd == "study":
-            from cmr.config import load_params
             from cmr.studies import load_all
 
-            load_all().get(args.name)(load_params(args.params, parse_overrides(args.set)), quick=args.quick)
+            studies = load_all()
+            if args.name not in studies:
+                raise CmrError(studies_error(studies, args.name))
+            studies.get(args.name)(load_params(args.params, parse_overrides(args.set)), quick=args.quick)
             return 0
         if args.cmd == "metrics":
-            from cmr.config import load_params, parse_overrides
             from cmr.io import read_json
 
             path = Path(load_params(args.params, parse_overrides(args.set)).paths.metrics)

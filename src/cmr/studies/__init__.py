@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
 
 from cmr.registry import Registry
 
@@ -19,3 +20,10 @@ def load_all() -> Registry:
         if not mod.name.startswith("_"):
             importlib.import_module(f"{__name__}.{mod.name}")
     return STUDIES
+
+
+def output_dir(name: str, quick: bool) -> Path:
+    """``studies/<name>/`` (``studies/<name>-quick/`` for a smoke run, so it never overwrites a full study)."""
+    out = Path("studies") / (f"{name}-quick" if quick else name)
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -33,7 +33,7 @@ from cmr.retrieval.calibrate import calibrate
 from cmr.retrieval.evaluation import both_directions, positives_t2i
 from cmr.stages._common import log, resolve_device
 from cmr.stages.calibrate import DIRECTIONS, _bank, _gallery, _queries, choose_on_validation
-from cmr.studies import STUDIES
+from cmr.studies import STUDIES, output_dir
 from cmr.training.engine import head_embeddings, train_heads
 from cmr.training.features import FeatureSet
 from cmr.training.fit import backbone_id, split_features
@@ -198,7 +198,7 @@ def plot(path: Path, rows: list[dict]) -> None:
 
 
 @STUDIES.register("calibration")
-def run(p: Params, quick: bool = False, out_dir: str | Path = "studies/calibration") -> dict:
+def run(p: Params, quick: bool = False, out_dir: str | Path | None = None) -> dict:
     from cmr.tracking.study import log_study
 
     t0 = time.perf_counter()
@@ -210,7 +210,7 @@ def run(p: Params, quick: bool = False, out_dir: str | Path = "studies/calibrati
                                                                       grids, device)
         cells += dataset_cells
     rows = summarise(cells)
-    out = Path(out_dir)
+    out = Path(out_dir) if out_dir is not None else output_dir("calibration", quick)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "table.csv", rows)
     write_text(out / "table.md", markdown_table(rows))

@@ -20,7 +20,7 @@ import time
 import torch
 
 from cmr.studies import STUDIES
-from cmr.studies.wikipedia import (DEFAULTS, class_map, grid, mean_std, save_plot, study_out, train_objective,
+from cmr.studies.wikipedia import (grid, mean_std, save_plot, study_out, train_objective,
                                    wikipedia_splits, write_table)
 from cmr.training.features import FeatureSet
 
@@ -135,7 +135,7 @@ def run_imbalance(p, quick: bool = False) -> dict:
                     m, s = mean_std(tests)
                     curves.setdefault((dname, oname, side), []).append((pct, m, s))
                     rows.append([dname, oname, f"{side} kept {pct}%", m, s])
-    out = study_out("clip4cmr_imbalance")
+    out = study_out("clip4cmr_imbalance", quick)
     files = write_table(out, "table", ["dataset", "objective", "setting", "test mAP (avg of I2T, T2I)", "std"], rows,
                         f"Modality imbalance: class-level test mAP, {len(seeds)} seed(s)")
     dnames = sorted({k[0] for k in curves})
@@ -181,7 +181,7 @@ def run_sensitivity(p, quick: bool = False) -> dict:
                 rows.append([dname, knob, value, val["avg"], test["avg"], "yes" if value == center[knob] else ""])
             curves[(dname, knob)] = pts
             spread[f"{dname}/{knob}"] = max(q[2] for q in pts) - min(q[2] for q in pts)
-    out = study_out("clip4cmr_sensitivity")
+    out = study_out("clip4cmr_sensitivity", quick)
     files = write_table(out, "table", ["dataset", "hyper-parameter", "value", "val mAP", "test mAP", "chosen on val"],
                         rows, f"Sensitivity of {oname}: one-at-a-time sweeps around the validation-chosen setting")
     dnames = sorted({k[0] for k in curves})

@@ -9,7 +9,6 @@ batch size for every row, best of ``repeats`` passes.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
@@ -19,7 +18,7 @@ from cmr.models.compress import (distill_text, encode_texts, items_per_second, q
                                  truncate_text_layers)
 from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.stages._common import log
-from cmr.studies import STUDIES
+from cmr.studies import STUDIES, output_dir
 from cmr.studies._common import prepare, save_figure, start_model, write_table
 from cmr.training.features import load_image, texts_of
 from cmr.training.fit import split_features
@@ -85,7 +84,7 @@ def run(p: Params, quick: bool = False) -> dict:
                             batch_size, repeats))
         log(f"compression: {rows[-1]}")
 
-    out = Path("studies") / "compression"
+    out = output_dir("compression", quick)
     artifacts = write_table(out, rows, COLUMNS, f"Compression on {prepared.info['name']} test "
                             f"({len(test)} images, {len(test_texts)} texts), CPU, batch {batch_size}")
     import matplotlib

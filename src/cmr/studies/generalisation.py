@@ -24,7 +24,7 @@ from cmr.losses import build_loss
 from cmr.models import build_two_tower
 from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.stages._common import log, resolve_device
-from cmr.studies import STUDIES
+from cmr.studies import STUDIES, output_dir
 from cmr.studies._common import prepare, save_figure, write_table
 from cmr.training.engine import head_embeddings, train_heads
 from cmr.training.fit import backbone_id, split_features
@@ -77,7 +77,7 @@ def run(p: Params, quick: bool = False) -> dict:
         log(f"generalisation: {rows[-1]}")
 
     columns = ["train set", "best_epoch"] + [f"{n} {m}" for n in sets for m in ("rsum", "t2i R@1", "i2t R@1")]
-    out = Path("studies") / "generalisation"
+    out = output_dir("generalisation", quick)
     sizes = ", ".join(f"{n} {test[n].image.shape[0]} images/{test[n].text.shape[0]} texts" for n in sets)
     artifacts = write_table(out, rows, columns, f"Generalisation: train heads on one set, test on each ({sizes})")
     import matplotlib

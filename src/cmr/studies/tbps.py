@@ -34,7 +34,7 @@ from cmr.data.schema import Item, by_split
 from cmr.errors import ConfigError
 from cmr.losses import build_loss
 from cmr.stages._common import log, resolve_device
-from cmr.studies import STUDIES
+from cmr.studies import STUDIES, output_dir
 from cmr.studies._common import save_figure, start_model, write_table
 from cmr.training.engine import head_embeddings, train_heads
 from cmr.training.features import (FeatureSet, cache_key, cached_backbone_features, compute_backbone_features)
@@ -160,7 +160,7 @@ def run(p: Params, quick: bool = False) -> dict:
                       "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}})
         log(f"tbps: {row}")
 
-    out = Path("studies") / "tbps"
+    out = output_dir("tbps", quick)
     n_test = {s: int(fs[s].identity.max()) + 1 for s in fs}
     artifacts = write_table(out, rows, COLUMNS, f"TBPS ablation on {prepared.info['name']}: identities "
                             f"train/val/test {n_test['train']}/{n_test['val']}/{n_test['test']}, "

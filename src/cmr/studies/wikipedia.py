@@ -33,7 +33,7 @@ from cmr.io import write_text
 from cmr.losses import build_loss
 from cmr.models.feature_heads import WithUnpaired, feature_heads_for, features_of, hellinger, knn_label_votes
 from cmr.retrieval.evaluation import evaluate_embeddings
-from cmr.studies import STUDIES
+from cmr.studies import STUDIES, output_dir
 from cmr.training.engine import head_embeddings, train_heads
 from cmr.training.features import FeatureSet, label_matrix
 
@@ -161,10 +161,8 @@ def write_table(out: Path, name: str, header: list[str], rows: list[list], title
     return [out / f"{name}.csv", out / f"{name}.md"]
 
 
-def study_out(name: str) -> Path:
-    out = Path("studies") / name
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def study_out(name: str, quick: bool) -> Path:
+    return output_dir(name, quick)
 
 
 def save_plot(fig, path: Path) -> Path:
@@ -218,7 +216,7 @@ def run(p, quick: bool = False) -> dict:
         rows.append([name, setting, best_val] + [f"{m:.4f} ± {s:.4f}" for m, s in (stats[k] for k in ("i2t", "t2i", "avg"))])
     for ref, (i2t, t2i) in PUBLISHED.items():
         rows.append([f"{ref} (published)", "-", "-", f"{i2t:.4f}", f"{t2i:.4f}", f"{(i2t + t2i) / 2:.4f}"])
-    out = study_out("wikipedia")
+    out = study_out("wikipedia", quick)
     header = ["objective", "setting chosen on val", "val mAP", "I2T mAP", "T2I mAP", "average mAP"]
     files = write_table(out, "table", header, rows,
                         f"Wikipedia CMR, class-level mAP on the 693 test items, {len(seeds)} seeds (mean ± std)")

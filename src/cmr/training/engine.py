@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
 
 from cmr.losses import LossInputs
 from cmr.retrieval.evaluation import evaluate_embeddings
