@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 # GPU FAISS replaces the CPU build (both provide the `faiss` module, never install both)
 install-gpu: install
 	$(BIN)/pip uninstall -y -q faiss-cpu
-	$(BIN)/pip install -q -e '.[gpu]'
+	$(BIN)/pip install -q --disable-pip-version-check "faiss-gpu==1.15.1"
 
 run: install
 	PATH=$(BIN):$$PATH dvc repro
