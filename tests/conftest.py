@@ -26,3 +26,14 @@ def shared_datasets() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    """The offline two-tower model (embed dim 64), one per test module: tests may lock or quantise it."""
+    import torch
+
+    from cmr.models import build_two_tower
+
+    torch.manual_seed(0)
+    return build_two_tower("lite0-minilm", embed_dim=64)

@@ -6,16 +6,9 @@ import json
 import pytest
 import torch
 
-from cmr.models import build_two_tower
 from cmr.models.compress import (distill_text, encode_texts, items_per_second, quantize_int8, state_size_mb,
                                  truncate_text_layers)
 from cmr.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def lite0():
-    torch.manual_seed(0)
-    return build_two_tower("lite0-minilm", embed_dim=64)
 
 
 @pytest.fixture(scope="module")

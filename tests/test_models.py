@@ -33,12 +33,6 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def lite0():
-    torch.manual_seed(0)
-    return build_two_tower("lite0-minilm", embed_dim=64)
-
-
-@pytest.fixture(scope="module")
 def cat_pixels(lite0):
     return lite0.preprocess_val(Image.open(CAT).convert("RGB"))[None]
 
