@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cmr.data.schema import SPLITS
 from cmr.errors import DataError
 from cmr.io import atomic_path
 
@@ -52,3 +53,16 @@ def load_split(path: str | Path) -> SplitEmbeddings:
         raise DataError(str(path), "image and text embeddings share a dimension",
                         f"image {tuple(e.image.shape)}, text {tuple(e.text.shape)}")
     return e
+
+
+def load_gallery(embeddings_dir: str) -> SplitEmbeddings:
+    """All splits concatenated in SPLITS order (text_item re-indexed)."""
+    parts = [load_split(p) for s in SPLITS if (p := Path(embeddings_dir) / f"{s}.npz").exists()]
+    if not parts:
+        raise DataError(str(embeddings_dir), "embeddings exist", "run the encode stage first")
+    offsets = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
+    return SplitEmbeddings(
+        image=torch.cat([p.image for p in parts]), text=torch.cat([p.text for p in parts]),
+        text_item=torch.cat([p.text_item + int(o) for p, o in zip(parts, offsets)]),
+        ids=[i for p in parts for i in p.ids], texts=[t for p in parts for t in p.texts],
+        labels=None, identity=None)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cmr.config import Params
-from cmr.embeddings import SplitEmbeddings, load_split
+from cmr.embeddings import SplitEmbeddings, load_gallery, load_split
 from cmr.io import atomic_path, write_json
 from cmr.retrieval.calibrate import Selection, calibrate, select_calibration
 from cmr.retrieval.evaluation import positives_t2i
@@ -103,7 +103,7 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
         tmp.mkdir()
         with open(tmp / "test_scores.npz", "wb") as f:
             np.savez(f, t2i=calibrated["t2i"].float().numpy(), i2t=calibrated["i2t"].float().numpy())
-        whole = _whole_gallery(embeddings_dir)
+        whole = load_gallery(embeddings_dir)
         # serving biases: bank queries of the bank split against the whole gallery
         bias = {d: additive_bias(chosen[d].method, banks[d] @ _gallery(whole, d).T, chosen[d].options)
                 for d in DIRECTIONS}
@@ -115,12 +115,6 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
     picked = ", ".join(f"{d}: {c.method} {c.options}" for d, c in chosen.items())
     log(f"calibrate: {method} with a {query_bank} query bank; chosen on val: {picked} -> {out_dir}")
     return meta
-
-
-def _whole_gallery(embeddings_dir: str) -> SplitEmbeddings:
-    from cmr.stages.index import load_gallery
-
-    return load_gallery(embeddings_dir)
 
 
 def from_params(p: Params):

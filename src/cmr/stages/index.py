@@ -13,23 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmr.data.schema import SPLITS
-from cmr.embeddings import SplitEmbeddings, load_split
+from cmr.config import Params
+from cmr.embeddings import load_gallery
 from cmr.io import atomic_path, write_json
 from cmr.retrieval.index import build_index
-from cmr.config import Params
 from cmr.stages._common import log, stage_main
-
-
-def load_gallery(embeddings_dir: str) -> SplitEmbeddings:
-    """All splits concatenated in SPLITS order (text_item re-indexed)."""
-    parts = [load_split(p) for s in SPLITS if (p := Path(embeddings_dir) / f"{s}.npz").exists()]
-    offsets = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
-    return SplitEmbeddings(
-        image=torch.cat([p.image for p in parts]), text=torch.cat([p.text for p in parts]),
-        text_item=torch.cat([p.text_item + int(o) for p, o in zip(parts, offsets)]),
-        ids=[i for p in parts for i in p.ids], texts=[t for p in parts for t in p.texts],
-        labels=None, identity=None)
 
 
 def with_bias(emb: torch.Tensor, bias: torch.Tensor | None) -> np.ndarray:

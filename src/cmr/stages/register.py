@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from cmr.config import Params
 from cmr.data.prepare import load_prepared
@@ -31,7 +30,8 @@ def rescore_on_val(model_uri: str, prepared_dir: str, level: str, ks, metric: st
     from cmr.training.fit import split_features
 
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
-    model_dir = next(p.parent for p in local.rglob("spec.json")) if any(local.rglob("spec.json")) else local
+    specs = sorted(local.rglob("spec.json"))  # the pyfunc keeps the saved two-tower folder as an artifact
+    model_dir = specs[0].parent if specs else local
     bundle = load_two_tower(model_dir, device=device)
     prepared = load_prepared(prepared_dir)
     # the registered copy's backbone may have been tuned: never reuse a feature cache for it
@@ -54,13 +54,12 @@ def run(p: Params, params_path: str = "params.yaml") -> dict:
         tags[f"calibration_chosen_{direction}"] = f"{choice['method']} {choice['options']}"
     histories = {s: read_json(Path(d) / "history.json") for s, d in
                  (("pretrain", paths.pretrained), ("finetune", paths.finetuned)) if (Path(d) / "history.json").exists()}
-    raw_params = yaml.safe_load(Path(params_path).read_text()) if Path(params_path).exists() else {}
     device = resolve_device(p.device)
     from cmr.tracking.mlflow_log import log_pipeline_run
 
     out = log_pipeline_run(
         uri=p.tracking.uri, experiment=p.tracking.experiment, run_name=f"pipeline@{commit[:8]}",
-        params=p.model_dump(mode="json") | {"params_file": raw_params and params_path}, metrics=metrics,
+        params=p.model_dump(mode="json") | {"params_file": params_path}, metrics=metrics,
         histories=histories,
         artifacts={"validation": paths.validation, "plots": paths.plots, "metrics": paths.metrics,
                    "calibration": str(Path(paths.calibration) / "calibration.json"), "params": params_path,
