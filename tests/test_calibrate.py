@@ -263,3 +263,19 @@ def test_stage_records_the_choice_made_on_validation_and_applies_it_to_test(tmp_
     # The hubs are real here, so Sinkhorn should be the choice in text->image at least.
     assert saved["chosen"]["t2i"]["method"] == "sinkhorn"
     assert saved["serving_bias"] and (tmp_path / "cal" / "serving_bias.npz").exists()
+
+
+def test_stage_writes_no_serving_bias_when_validation_keeps_none(tmp_path):
+    """Nothing to fold into the index: no bias file, and the index serves raw scores."""
+    from cmr.embeddings import save_split
+    from cmr.io import read_json
+    from cmr.stages.calibrate import run
+
+    gen = torch.Generator().manual_seed(0)
+    common = torch.randn(32, generator=gen)
+    for split, n in (("train", 60), ("val", 40), ("test", 40)):
+        save_split(tmp_path / f"{split}.npz", _hub_split(gen, 32, common, n, torch.ones(n, dtype=torch.long)))
+    run(str(tmp_path), "none", {}, "train", 5000, 0, "instance", (1, 5, 10), str(tmp_path / "cal"))
+    saved = read_json(tmp_path / "cal" / "calibration.json")
+    assert {c["method"] for c in saved["chosen"].values()} == {"none"}
+    assert not saved["serving_bias"] and not (tmp_path / "cal" / "serving_bias.npz").exists()

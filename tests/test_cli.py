@@ -33,6 +33,10 @@ def test_metrics_table_prints_percentages_per_row():
     m = {f"{d}/R@{k}": k / 100 for d in ("t2i", "i2t") for k in (1, 5, 10)} | {"rsum": 32.0}
     table = metrics_table({"val": m, "test": {"none": m, "sinkhorn": m}, "random": m}).splitlines()
     assert [ln.split()[0] for ln in table[1:]] == ["validation", "test,", "test,", "test,"]
+    assert len(table) == 5  # header + 4 rows, no choice line without a choice
+    chosen = {"t2i": {"method": "none", "options": {}}, "i2t": {"method": "sinkhorn", "options": {"epsilon": 0.1}}}
+    last = metrics_table({"val": m, "test": {"none": m}, "random": m}, chosen=chosen).splitlines()[-1]
+    assert last == "calibration chosen on validation: i2t sinkhorn {'epsilon': 0.1}, t2i none"
     assert "test, sinkhorn" in table[3] and table[3].split()[-7:] == ["1.0", "5.0", "10.0", "1.0", "5.0", "10.0",
                                                                       "32.0"]
 

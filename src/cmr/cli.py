@@ -84,8 +84,12 @@ def studies_error(studies, name: str) -> str:
     return ""
 
 
-def metrics_table(metrics: dict, ks=(1, 5, 10)) -> str:
-    """The evaluate stage's metrics file as a short text table (R@K in percent)."""
+def metrics_table(metrics: dict, ks=(1, 5, 10), chosen: dict | None = None) -> str:
+    """The evaluate stage's metrics file as a short text table (R@K in percent).
+
+    ``chosen`` (calibration.json's per-direction choice) is printed under the table, so a
+    calibrated row that equals the uncalibrated one is explained, not mislabelled.
+    """
     rows = [("validation (selection)", metrics["val"])]
     rows += [(f"test, {'uncalibrated' if name == 'none' else name}", m) for name, m in metrics["test"].items()]
     rows.append(("test, random ranking", metrics["random"]))
@@ -94,6 +98,9 @@ def metrics_table(metrics: dict, ks=(1, 5, 10)) -> str:
     for name, m in rows:
         cells = " ".join(f"{100 * m[f'{d}/R@{k}']:8.1f}" for d in ("t2i", "i2t") for k in ks)
         lines.append(f"{name:<26}{cells}  {m['rsum']:6.1f}")
+    if chosen:
+        picks = ", ".join(f"{d} {c['method']} {c.get('options') or ''}".rstrip() for d, c in sorted(chosen.items()))
+        lines.append(f"calibration chosen on validation: {picks}")
     return "\n".join(lines)
 
 
@@ -144,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "metrics":
             from cmr.io import read_json
 
-            path = Path(load_params(args.params, parse_overrides(args.set)).paths.metrics)
+            p = load_params(args.params, parse_overrides(args.set))
+            path, cal = Path(p.paths.metrics), Path(p.paths.calibration) / "calibration.json"
             if not path.exists():
                 raise CmrError(f"{path}: no metrics yet; run `make run` (or `cmr pipeline`) first")
-            print(metrics_table(read_json(path)))
+            chosen = read_json(cal).get("chosen") if cal.exists() else None
+            print(metrics_table(read_json(path), chosen=chosen))
             return 0
         if args.cmd == "list":
             print("\n".join(_registries()[args.what]))

@@ -82,9 +82,9 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
     # Selection mirrors the test-time setting on validation: an inductive bank comes
     # from training queries (validation queries would be their own bank), a
     # transductive one from the validation queries themselves.
-    chosen = choose_on_validation(method, options, val, None if transductive else load_split(f"{embeddings_dir}/train.npz"),
-                                  max_bank, seed, level, ks)
     bank_split = load_split(f"{embeddings_dir}/{query_bank}.npz")
+    train = bank_split if query_bank == "train" else load_split(f"{embeddings_dir}/train.npz")
+    chosen = choose_on_validation(method, options, val, None if transductive else train, max_bank, seed, level, ks)
     banks = {d: _bank(_queries(bank_split, d), max_bank, seed) for d in DIRECTIONS}
     calibrated, suffix = {}, ""
     for d in DIRECTIONS:
@@ -103,14 +103,17 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
         tmp.mkdir()
         with open(tmp / "test_scores.npz", "wb") as f:
             np.savez(f, t2i=calibrated["t2i"].float().numpy(), i2t=calibrated["i2t"].float().numpy())
-        whole = load_gallery(embeddings_dir)
-        # serving biases: bank queries of the bank split against the whole gallery
-        bias = {d: additive_bias(chosen[d].method, banks[d] @ _gallery(whole, d).T, chosen[d].options)
-                for d in DIRECTIONS}
-        meta["serving_bias"] = all(b is not None for b in bias.values())
-        if meta["serving_bias"]:
-            with open(tmp / "serving_bias.npz", "wb") as f:
-                np.savez(f, image=bias["t2i"].float().numpy(), text=bias["i2t"].float().numpy())
+        # serving biases: bank queries of the bank split against the whole gallery; when
+        # validation kept 'none' in both directions there is nothing to fold into the index
+        meta["serving_bias"] = False
+        if any(c.method != "none" for c in chosen.values()):
+            whole = load_gallery(embeddings_dir)
+            bias = {d: additive_bias(chosen[d].method, banks[d] @ _gallery(whole, d).T, chosen[d].options)
+                    for d in DIRECTIONS}
+            meta["serving_bias"] = all(b is not None for b in bias.values())
+            if meta["serving_bias"]:
+                with open(tmp / "serving_bias.npz", "wb") as f:
+                    np.savez(f, image=bias["t2i"].float().numpy(), text=bias["i2t"].float().numpy())
         write_json(tmp / "calibration.json", meta)
     picked = ", ".join(f"{d}: {c.method} {c.options}" for d, c in chosen.items())
     log(f"calibrate: {method} with a {query_bank} query bank; chosen on val: {picked} -> {out_dir}")
