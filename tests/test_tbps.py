@@ -1,14 +1,20 @@
 """Person search on the CUHK-PEDES sample: reader, identity split, identity-level metrics by hand."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cmr.config import Params
 from cmr.data.readers import READERS
 from cmr.retrieval.evaluation import positives_t2i
 from cmr.retrieval.metrics import retrieval_metrics
-from cmr.studies.tbps import dedupe_images, identity_splits
+from cmr.errors import ConfigError
+from cmr.losses import LossInputs, build_loss
+from cmr.models.feature_heads import FeatureHeads
+from cmr.studies.tbps import SoftLabel, TrickHeads, dedupe_images, fix_temperature, identity_splits
 from cmr.training.features import identity_vector
 
 
@@ -61,6 +67,91 @@ def test_identity_metrics_match_a_hand_computation(sample):
     assert (m["R@1"], m["R@5"], m["R@10"]) == (pytest.approx(0.5), 1.0, 1.0)
 
 
+def _heads(dropout=0.0, keep_teacher=False):
+    torch.manual_seed(0)
+    return TrickHeads(FeatureHeads(6, 5, 4, "mlp"), dropout, keep_teacher)
+
+
+def test_trick_heads_drop_text_features_only_while_training():
+    heads, img, txt = _heads(dropout=0.5, keep_teacher=True), torch.randn(8, 6), torch.randn(8, 5)
+    heads.eval()
+    torch.testing.assert_close(heads.head_text(txt), heads.model.head_text(txt))  # eval: no dropout
+    assert heads.teacher == {}  # and no teacher pass
+    heads.train()
+    torch.testing.assert_close(heads.head_image(img), heads.model.head_image(img))  # images never dropped
+    student = heads.head_text(txt)
+    assert not torch.allclose(student, heads.model.head_text(txt))
+    assert not torch.allclose(student, heads.teacher["text"])  # the teacher has its own dropout draw
+    assert not heads.teacher["text"].requires_grad
+    no_drop = _heads(dropout=0.0, keep_teacher=True).train()
+    torch.testing.assert_close(no_drop.head_text(txt), no_drop.teacher["text"])
+    with pytest.raises(ConfigError, match="dropout"):
+        TrickHeads(FeatureHeads(6, 5, 4), dropout=1.0)
+
+
+def _naive_soft_nitc(img, txt, t_img, t_txt, scale, identity, alpha):
+    """Row by row: targets (1 - alpha) * uniform over same-identity pairs + alpha * teacher softmax."""
+    total = 0.0
+    for a, b, ta, tb in ((img, txt, t_img, t_txt), (txt, img, t_txt, t_img)):
+        for i in range(len(a)):
+            logits = [scale * float(a[i] @ b[j]) for j in range(len(b))]
+            t_logits = [scale * float(ta[i] @ tb[j]) for j in range(len(b))]
+            same = [float(identity[i] == identity[j]) for j in range(len(b))]
+            z, tz = math.log(sum(math.exp(v) for v in logits)), math.log(sum(math.exp(v) for v in t_logits))
+            for j in range(len(b)):
+                q = (1 - alpha) * same[j] / sum(same) + alpha * math.exp(t_logits[j] - tz)
+                total -= q * (logits[j] - z) / (2 * len(a))
+    return total
+
+
+def test_soft_label_matches_naive_targets_and_ramps():
+    torch.manual_seed(1)
+    heads = _heads()
+    identity = torch.tensor([0, 0, 1, 2, 2, 2])
+    img, txt = F.normalize(torch.randn(6, 4), dim=1), F.normalize(torch.randn(6, 4), dim=1)
+    t_img, t_txt = F.normalize(torch.randn(6, 4), dim=1), F.normalize(torch.randn(6, 4), dim=1)
+    heads.teacher = {"image": t_img, "text": t_txt}
+    loss = SoftLabel(build_loss({"nitc": 1.0}, {}, 4, 3), heads, ratio=0.5, warmup_steps=4).train()
+    inputs = LossInputs(img, txt, torch.tensor(10.0), torch.arange(6), identity=identity)
+    for step in range(6):  # alpha: 0, 0.125, 0.25, 0.375, 0.5, 0.5
+        alpha = 0.5 * min(1.0, step / 4)
+        total, parts = loss(inputs)
+        assert total.item() == pytest.approx(_naive_soft_nitc(img, txt, t_img, t_txt, 10.0, identity, alpha), rel=1e-5)
+    assert loss.alpha() == 0.5 and "soft" in parts
+    loss.eval()  # validation passes: plain N-ITC
+    assert loss(inputs)[0].item() == pytest.approx(_naive_soft_nitc(img, txt, t_img, t_txt, 10.0, identity, 0.0),
+                                                   rel=1e-5)
+
+
+def test_soft_label_with_teacher_equal_to_student_only_scales_nitc_gradient():
+    """E_p[grad log p] = 0: the self-distillation term adds no gradient, so the trick is (1 - a) * N-ITC."""
+    torch.manual_seed(2)
+    identity = torch.tensor([0, 1, 1, 2])
+    img = F.normalize(torch.randn(4, 4), dim=1).requires_grad_()
+    txt = F.normalize(torch.randn(4, 4), dim=1).requires_grad_()
+    heads = _heads()
+    heads.teacher = {"image": img.detach(), "text": txt.detach()}
+    loss = SoftLabel(build_loss({"nitc": 1.0}, {}, 4, 3), heads, ratio=0.3, warmup_steps=1).train()
+    loss.step = 1
+    inputs = LossInputs(img, txt, torch.tensor(20.0), torch.arange(4), identity=identity)
+    soft_grad = torch.autograd.grad(loss(inputs)[0], (img, txt))
+    hard_grad = torch.autograd.grad(build_loss({"nitc": 1.0}, {}, 4, 3)(inputs)[0], (img, txt))
+    for s, h in zip(soft_grad, hard_grad):
+        torch.testing.assert_close(s, 0.7 * h)
+
+
+def test_soft_label_and_temperature_reject_bad_settings():
+    heads = _heads()
+    with pytest.raises(ConfigError, match="needs the nitc"):
+        SoftLabel(build_loss({"infonce": 1.0}, {}, 4, 3), heads, 0.5, 1)
+    with pytest.raises(ConfigError, match="softlabel_ratio"):
+        SoftLabel(build_loss({"nitc": 1.0}, {}, 4, 3), heads, 0.0, 1)
+    with pytest.raises(ConfigError, match="temperature"):
+        fix_temperature(heads.model, 0.0)
+    fix_temperature(heads.model, 0.02)
+    assert not heads.logit_scale.requires_grad and heads.logit_scale.exp().item() == pytest.approx(50.0)
+
+
 @pytest.mark.slow
 def test_quick_tbps_study_runs(tmp_path, monkeypatch, shared_datasets):
     from cmr.studies.tbps import run
@@ -72,7 +163,9 @@ def test_quick_tbps_study_runs(tmp_path, monkeypatch, shared_datasets):
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
         "paths": {"cache": str(tmp_path / "cache"), "finetuned": str(tmp_path / "none")}})
     out = run(p, quick=True)
-    assert [r["row"] for r in out["rows"]] == ["baseline InfoNCE", "N-ITC", "+ augmentation"]
+    assert [r["row"] for r in out["rows"]] == ["baseline InfoNCE", "N-ITC", "+ augmentation", "N-ITC + dropout",
+                                               "N-ITC + soft label", "N-ITC + fixed temperature"]
+    assert out["rows"][-1]["tricks"] == "dropout 0.05, softlabel_ratio 0.5, temperature 0.02"
     for r in out["rows"]:
         assert 0 <= r["t2i/mINP"] <= 100 and 0 <= r["t2i/mAP"] <= 100
     assert (tmp_path / "studies/tbps-quick/table.md").is_file() and (tmp_path / "studies/tbps-quick/plot.png").is_file()

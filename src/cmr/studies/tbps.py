@@ -7,6 +7,9 @@ features of ``views`` augmented copies of every train item (images through the a
 pool, captions through EDA), computed once. That is cheaper than re-decoding every step and
 keeps one code path; it gives ``views`` fixed augmentations per item, not a fresh one each epoch.
 
+A second group of rows adds TBPS-CLIP's training tricks one at a time to the N-ITC row (see
+:data:`TRICKS`); each trick's own setting is chosen on validation.
+
 Metrics are text->image at identity level (every gallery image of the queried person is a
 positive): R@1/5/10, mAP and mINP on the test identities; the epoch is chosen on validation.
 
@@ -24,7 +27,10 @@ import os
 import time
 from pathlib import Path
 
+import math
+
 import torch
+from torch import Tensor, nn
 
 from cmr.config import Params
 from cmr.data.augment import IMAGE_POOL, TEXT_POOL, build_image_augment, build_text_augment
@@ -32,7 +38,9 @@ from cmr.data.prepare import Prepared, data_version
 from cmr.data.readers import READERS
 from cmr.data.schema import Item, by_split
 from cmr.errors import ConfigError
-from cmr.losses import build_loss
+from cmr.losses import CombinedLoss, LossInputs, build_loss
+from cmr.losses.base import positive_mask, soft_cross_entropy
+from cmr.losses.pairwise import multi_positive_nce
 from cmr.stages._common import log, resolve_device
 from cmr.studies import STUDIES, output_dir
 from cmr.studies._common import save_figure, start_model, write_table
@@ -43,7 +51,7 @@ from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.tracking.study import log_study
 
 SAMPLE = "cuhk_pedes_sample"
-COLUMNS = ["row", "losses", "augment", "best_epoch", "t2i/R@1", "t2i/R@5", "t2i/R@10", "t2i/mAP", "t2i/mINP",
+COLUMNS = ["group", "row", "losses", "augment", "tricks", "best_epoch", "t2i/R@1", "t2i/R@5", "t2i/R@10", "t2i/mAP", "t2i/mINP",
            "val/rsum"]
 
 #: the ablation: each row adds one group to the previous one
@@ -55,6 +63,119 @@ ABLATION = [
     ("+ ID", {"nitc": 1.0, "ritc": 1.0, "sdm": 1.0, "id": 1.0}, False),
     ("+ augmentation", {"nitc": 1.0, "ritc": 1.0, "sdm": 1.0, "id": 1.0}, True),
 ]
+
+#: TBPS-CLIP's training tricks that apply to heads on cached features: (row, setting, values
+#: searched on validation). Rows start from N-ITC and each keeps the previous row's tricks.
+#: Not rows, because on locked towers in one process they are always on: global gradients
+#: (the loss already sees, and back-propagates through, the whole batch) and locking bottom
+#: layers (every tower layer is locked).
+TRICKS = [
+    ("+ dropout", "dropout", (0.05, 0.1, 0.2)),
+    ("+ soft label", "softlabel_ratio", (0.5, 0.25)),
+    ("+ fixed temperature", "temperature", (0.02, 0.05)),
+]
+TRICKS_BASE = ("N-ITC", {"nitc": 1.0})
+
+
+class TrickHeads(nn.Module):
+    """The heads of a two-tower ``model`` with the tricks that act on head inputs.
+
+    dropout: on the text backbone features [B, F_t] while training. TBPS-CLIP puts dropout
+    (0.05) inside its text transformer; with the text tower locked it can only act on the
+    tower's output. keep_teacher: each training call also runs the head once more without
+    gradient (its own dropout draw) and keeps the result, [B, D], in ``teacher`` for
+    :class:`SoftLabel`, as TBPS-CLIP's gradient-free second forward pass.
+    """
+
+    def __init__(self, model: nn.Module, dropout: float = 0.0, keep_teacher: bool = False):
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"tbps trick dropout: must be in [0, 1), got {dropout!r}")
+        self.model = model
+        self.text_dropout = nn.Dropout(dropout)
+        self.keep_teacher = keep_teacher
+        self.teacher: dict[str, Tensor] = {}
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.embed_dim
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.model.logit_scale
+
+    def image_tower_parameters(self) -> list[nn.Parameter]:
+        return self.model.image_tower_parameters()
+
+    def text_tower_parameters(self) -> list[nn.Parameter]:
+        return self.model.text_tower_parameters()
+
+    def _run(self, side: str, head, feats: Tensor, drop) -> Tensor:
+        if self.training and self.keep_teacher:
+            with torch.no_grad():
+                self.teacher[side] = head(drop(feats))
+        return head(drop(feats))
+
+    def head_image(self, feats: Tensor) -> Tensor:
+        return self._run("image", self.model.head_image, feats, lambda x: x)
+
+    def head_text(self, feats: Tensor) -> Tensor:
+        return self._run("text", self.model.head_text, feats, self.text_dropout)
+
+
+class SoftLabel(nn.Module):
+    """TBPS-CLIP's soft label on N-ITC: the identity targets q become (1 - a) q + a softmax(s T_i T_t^T)
+    with T the teacher embeddings of :class:`TrickHeads`, both directions. a rises linearly from
+    0 to ``ratio`` over the first ``warmup_steps`` training calls, then stays (TBPS-CLIP ramps it
+    over the first epoch).
+
+    Cross-entropy is linear in its target, so this adds w a (CE(logits, softmax(teacher)) - N-ITC)
+    to ``combined``'s total, w being N-ITC's weight there. When the teacher equals the student
+    (no dropout) the added CE has zero gradient (E_p[grad log p] = 0): the trick then only
+    scales N-ITC by 1 - a. Returns (total, parts) as :class:`CombinedLoss`; parts gain ``soft``.
+    """
+
+    def __init__(self, combined: CombinedLoss, heads: TrickHeads, ratio: float, warmup_steps: int):
+        super().__init__()
+        if "nitc" not in combined.losses:
+            raise ConfigError("tbps trick softlabel_ratio: needs the nitc loss in the combination")
+        if not 0.0 < ratio <= 1.0:
+            raise ConfigError(f"tbps trick softlabel_ratio: must be in (0, 1], got {ratio!r}")
+        self.combined = combined
+        self._heads = (heads,)  # outside the module tree: the trainer already optimises the heads
+        self.ratio, self.warmup_steps, self.step = float(ratio), max(1, int(warmup_steps)), 0
+
+    @property
+    def requires(self):
+        return self.combined.requires
+
+    def alpha(self) -> float:
+        return self.ratio * min(1.0, self.step / self.warmup_steps)
+
+    def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, float]]:
+        total, parts = self.combined(inputs)
+        teacher = self._heads[0].teacher
+        if not self.training or not teacher:
+            return total, parts
+        alpha = self.alpha()
+        self.step += 1
+        logits = inputs.logits().float()
+        with torch.no_grad():
+            t_logits = inputs.logit_scale.float() * teacher["image"].float() @ teacher["text"].float().t()
+        soft = 0.5 * (soft_cross_entropy(logits, t_logits.softmax(1))
+                      + soft_cross_entropy(logits.t(), t_logits.t().softmax(1)))
+        hard = multi_positive_nce(logits, positive_mask(inputs, "identity"))
+        added = self.combined.weights["nitc"] * alpha * (soft - hard)
+        return total + added, {**parts, "soft": float(soft.detach())}
+
+
+def fix_temperature(model: nn.Module, temperature: float) -> None:
+    """Freeze ``model.logit_scale`` at log(1 / temperature) (TBPS-CLIP learns it from 0.07)."""
+    if not temperature > 0:
+        raise ConfigError(f"tbps trick temperature: must be > 0, got {temperature!r}")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1.0 / temperature))
+    model.logit_scale.requires_grad_(False)
 
 
 def dedupe_images(items: list[Item]) -> list[Item]:
@@ -126,6 +247,25 @@ def augmented_features(bundle, prepared: Prepared, bid: str, base: FeatureSet, v
                       None, torch.cat([fs.identity for fs in parts]))
 
 
+def train_row(base_model: nn.Module, losses: dict, tricks: dict, train_fs: FeatureSet, val_fs: FeatureSet,
+              n_ids: int, *, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
+              device: str) -> tuple[nn.Module, object]:
+    """Train a copy of ``base_model``'s heads with ``losses`` and ``tricks`` ({setting: value} of
+    :data:`TRICKS`); the epoch is chosen on ``val_fs`` (val/rsum). Returns (heads, TrainResult)."""
+    model = copy.deepcopy(base_model)
+    if "temperature" in tricks:
+        fix_temperature(model, tricks["temperature"])
+    soft = tricks.get("softlabel_ratio")
+    heads = TrickHeads(model, tricks.get("dropout", 0.0), keep_teacher=soft is not None)
+    loss_fn = build_loss(losses, {}, model.embed_dim, n_ids)
+    if soft is not None:
+        loss_fn = SoftLabel(loss_fn, heads, soft, warmup_steps=max(1, train_fs.text.shape[0] // batch_size))
+    result = train_heads(heads, loss_fn, train_fs, val_fs, epochs=epochs, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, select_metric="val/rsum", seed=seed, device=device,
+                         level="identity", log=lambda m: None)
+    return heads, result
+
+
 @STUDIES.register("tbps")
 def run(p: Params, quick: bool = False) -> dict:
     t_start = time.perf_counter()
@@ -138,27 +278,48 @@ def run(p: Params, quick: bool = False) -> dict:
     n_ids = int(fs["train"].identity.max()) + 1
     views, epochs = (1, 3) if quick else (4, 30)
     batch_size = min(p.finetune.batch_size, max(2, fs["train"].text.shape[0] // 2))
+    common = dict(epochs=epochs, batch_size=batch_size, lr=p.finetune.lr, weight_decay=p.finetune.weight_decay,
+                  seed=p.seed, device=device)
     aug_fs = None
     rows, cells = [], []
+
+    def report(group: str, name: str, losses: dict, augment: bool, tricks: dict, heads, result) -> None:
+        img, txt = head_embeddings(heads, fs["test"], device)
+        test = evaluate_embeddings(img, txt, fs["test"].text_item, "identity", None, fs["test"].identity)
+        row = {"group": group, "row": name, "losses": "+".join(losses),
+               "augment": f"{views} views" if augment else "none",
+               "tricks": ", ".join(f"{k} {v:g}" for k, v in tricks.items()) or "none",
+               "best_epoch": result.best_epoch, "val/rsum": result.best["rsum"],
+               **{k: 100 * test[k] for k in COLUMNS if k.startswith("t2i/")}}
+        rows.append(row)
+        cells.append({"name": f"{group}/{name}", "params": {"group": group, "losses": losses, "augment": augment,
+                                                          "views": views if augment else 0, **tricks},
+                      "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}})
+        log(f"tbps: {row}")
+
     for name, losses, augment in (ABLATION[:2] + ABLATION[-1:] if quick else ABLATION):
         if augment and aug_fs is None:
             aug_fs = augmented_features(bundle, prepared, bid, fs["train"], views, k=2, p_text=0.1, seed=p.seed,
                                         device=device, cache_dir=p.paths.cache)
-        model = copy.deepcopy(bundle.model)
-        loss_fn = build_loss(losses, {}, model.embed_dim, n_ids)
-        result = train_heads(model, loss_fn, aug_fs if augment else fs["train"], fs["val"], epochs=epochs,
-                             batch_size=batch_size, lr=p.finetune.lr, weight_decay=p.finetune.weight_decay,
-                             select_metric="val/rsum", seed=p.seed, device=device, level="identity",
-                             log=lambda m: None)
-        img, txt = head_embeddings(model, fs["test"], device)
-        test = evaluate_embeddings(img, txt, fs["test"].text_item, "identity", None, fs["test"].identity)
-        row = {"row": name, "losses": "+".join(losses), "augment": f"{views} views" if augment else "none",
-               "best_epoch": result.best_epoch, "val/rsum": result.best["rsum"],
-               **{k: 100 * test[k] for k in COLUMNS if k.startswith("t2i/")}}
-        rows.append(row)
-        cells.append({"name": name, "params": {"losses": losses, "augment": augment, "views": views if augment else 0},
-                      "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}})
-        log(f"tbps: {row}")
+        heads, result = train_row(bundle.model, losses, {}, aug_fs if augment else fs["train"], fs["val"], n_ids,
+                                  **common)
+        report("losses", name, losses, augment, {}, heads, result)
+
+    # training tricks: one more per row; each trick's value is the one with the best val/rsum
+    base_name, base_losses = TRICKS_BASE
+    tricks: dict = {}
+    for name, setting, values in TRICKS:
+        tried = []
+        for value in values[:1] if quick else values:
+            heads, result = train_row(bundle.model, base_losses, {**tricks, setting: value}, fs["train"], fs["val"],
+                                      n_ids, **common)
+            tried.append((result.best["rsum"], value, heads, result))
+            cells.append({"name": f"tricks/select/{setting}={value:g}",
+                          "params": {"group": "tricks", "phase": "select", **tricks, setting: value},
+                          "metrics": {"val/rsum": result.best["rsum"], "best_epoch": result.best_epoch}})
+        _rsum, value, heads, result = max(tried, key=lambda t: t[0])  # first listed value wins a tie
+        tricks = {**tricks, setting: value}
+        report("tricks", f"{base_name} {name}", base_losses, False, tricks, heads, result)
 
     out = output_dir("tbps", quick)
     n_test = {s: int(fs[s].identity.max()) + 1 for s in fs}
@@ -168,12 +329,14 @@ def run(p: Params, quick: bool = False) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(9, 3.5))
     x = range(len(rows))
     ax.plot(x, [r["t2i/R@1"] for r in rows], "o-", label="R@1")
     ax.plot(x, [r["t2i/mAP"] for r in rows], "s-", label="mAP")
     ax.plot(x, [r["t2i/mINP"] for r in rows], "^-", label="mINP")
-    ax.set_xticks(list(x), [r["row"] for r in rows], rotation=20, fontsize=7)
+    first_trick = next(i for i, r in enumerate(rows) if r["group"] == "tricks")
+    ax.axvline(first_trick - 0.5, color="grey", ls="--")  # left: loss/augmentation ablation; right: tricks
+    ax.set_xticks(list(x), [r["row"] for r in rows], rotation=25, fontsize=7, ha="right")
     ax.set_ylabel("text->image, test (%)")
     ax.legend()
     artifacts.append(save_figure(fig, out / "plot.png"))
