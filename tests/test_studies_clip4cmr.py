@@ -9,8 +9,8 @@ import torch
 
 from cmr.losses import build_loss
 from cmr.errors import ConfigError, DataError
-from cmr.models.feature_heads import (FeatureHeads, WithUnpaired, feature_heads_for, hellinger,
-                                       knn_label_votes)
+from cmr.models.feature_heads import (FeatureHeads, PosteriorHeads, WithUnpaired, class_logits, feature_heads_for,
+                                       hellinger, knn_label_votes)
 from cmr.studies.clip4cmr import drop_modality
 from cmr.training.features import FeatureSet
 
@@ -153,6 +153,57 @@ def test_knn_votes_and_hellinger_reject_bad_input():
     with pytest.raises(DataError, match="row 1"):
         hellinger(torch.tensor([[0.2, 0.8], [0.5, -0.1]]))
     assert torch.allclose(hellinger(torch.tensor([[0.25, 0.0, 0.75]])) ** 2, torch.tensor([[0.25, 0.0, 0.75]]))
+
+
+def test_posterior_scores_are_probabilities_of_sharing_a_class():
+    torch.manual_seed(3)
+    model = FeatureHeads(5, 4, 8, "mlp")
+    ce = build_loss({"ce": 1.0, "center": 0.1}, {}, 8, 3)
+    logits = class_logits(ce)
+    assert logits is ce.losses["ce"].classifier  # centre + CE: the CE classifier
+    post = PosteriorHeads(model, logits, t_image=0.5, t_text=2.0)
+    img, txt = torch.randn(4, 5), torch.randn(6, 4)
+    with torch.no_grad():
+        p_img, p_txt = post.head_image(img), post.head_text(txt)
+    torch.testing.assert_close(p_img.sum(1), torch.ones(4))
+    torch.testing.assert_close(p_txt, torch.softmax(logits(model.head_text(txt)) / 2.0, dim=1).detach())
+    for i in range(4):  # score = sum over classes of P(image in c) P(text in c)
+        for t in range(6):
+            same = sum(float(p_img[i, c]) * float(p_txt[t, c]) for c in range(3))
+            assert float(p_img[i] @ p_txt[t]) == pytest.approx(same, rel=1e-5)
+    with pytest.raises(ConfigError, match="temperatures"):
+        PosteriorHeads(model, logits, 0.0, 1.0)
+
+
+def test_class_logits_of_prototype_and_proxy_losses():
+    torch.manual_seed(4)
+    x = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    proto = build_loss({"prototype": 1.0}, {}, 8, 3)
+    p = proto.losses["prototype"].prototypes
+    # fixed unit prototypes: softmax(2 cos) = softmax(-||x - p||^2), PAN's distance form
+    dist = ((x[:, None, :] - p[None]) ** 2).sum(-1)
+    torch.testing.assert_close(class_logits(proto)(x).softmax(1), (-dist).softmax(1))
+    nca = build_loss({"proxy_nca": 1.0}, {}, 8, 3)
+    proxies = torch.nn.functional.normalize(nca.losses["proxy_nca"].proxies, dim=1)
+    torch.testing.assert_close(class_logits(nca)(x), -9.0 * ((x[:, None, :] - proxies[None]) ** 2).sum(-1))
+    assert class_logits(build_loss({"infonce": 1.0}, {}, 8, 3)) is None
+
+
+@needs_wiki
+def test_scorers_offer_posteriors_only_with_class_logits(wiki, monkeypatch):
+    from cmr.studies import wikipedia
+    from cmr.studies.wikipedia import DEFAULTS, POSTERIOR_T, class_map, fit_objective, scorers, train_objective
+
+    hp = dict(DEFAULTS, head="mlp", lr=1e-3, tau_kind=None, tau=None, epochs=1, embed_dim=64)
+    model, loss_fn, _epoch = fit_objective(wiki, {"ce": 1.0}, hp, seed=0)
+    named = scorers(model, loss_fn)
+    assert len(named) == 1 + len(POSTERIOR_T) ** 2 and named["cosine"] is model
+    assert scorers(model, build_loss({"infonce": 1.0}, {}, 64, 10)).keys() == {"cosine"}
+    # train_objective scores as hp["scoring"] says (the fit itself is the one above)
+    monkeypatch.setattr(wikipedia, "fit_objective", lambda *_a, **_k: (model, loss_fn, 1))
+    val, _test, _ = train_objective(wiki, {"ce": 1.0}, dict(hp, scoring="posterior 0.5/0.25"), seed=0)
+    assert val == class_map(named["posterior 0.5/0.25"], wiki["val"])
+    assert train_objective(wiki, {"ce": 1.0}, hp, seed=0)[0] == class_map(model, wiki["val"])
 
 
 def _quick(name, tmp_path, monkeypatch):

@@ -15,11 +15,15 @@ features (the Wikipedia study's image side): the square root turns the cosine of
 L1-normalised histograms into their Bhattacharyya coefficient, and the votes of a
 sample's nearest training images are a non-parametric class posterior that the head
 gets beside the histogram.
+
+:class:`PosteriorHeads` turns heads trained with a class-wise loss into class-posterior
+embeddings, so that a score is the probability that two items share a class
+(:func:`class_logits` finds the loss's classifier or class anchors).
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +31,7 @@ from torch import Tensor, nn
 
 from cmr.errors import ConfigError, DataError
 from cmr.losses import CombinedLoss, LossInputs
+from cmr.losses.classwise import sq_distances
 from cmr.models.heads import build_head
 from cmr.training.features import FeatureSet
 
@@ -70,6 +75,13 @@ class FeatureHeads(nn.Module):
         self.proj_image = build_head(head, image_dim, embed_dim)
         self.proj_text = build_head(head, text_dim, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_scale)
+
+    def image_tower_parameters(self) -> list[nn.Parameter]:
+        """None: the features are precomputed (the trainer asks, to give towers their own learning rate)."""
+        return []
+
+    def text_tower_parameters(self) -> list[nn.Parameter]:
+        return []
 
     def head_image(self, x: Tensor) -> Tensor:
         return F.normalize(self.proj_image(self.norm_image(x)), dim=-1)
@@ -173,3 +185,51 @@ class WithUnpaired(nn.Module):
             parts = {**parts, "unpaired": float(extra.detach())}
             total = total + extra
         return total, parts
+
+
+#: class logits [N, D] -> [N, C] of the losses that hold a classifier or class anchors, in the
+#: order :func:`class_logits` looks for them
+CLASS_LOGITS: dict[str, Callable[[nn.Module], Callable[[Tensor], Tensor]]] = {
+    "ce": lambda loss: loss.classifier,
+    "prototype": lambda loss: (lambda x: (2.0 if loss.scale is None else loss.scale) * x @ loss.prototypes.t()),
+    "proxy_nca": lambda loss: (lambda x: -loss.scale * sq_distances(F.normalize(x, dim=1),
+                                                                    F.normalize(loss.proxies, dim=1))),
+}
+
+
+def class_logits(loss_fn: CombinedLoss) -> Callable[[Tensor], Tensor] | None:
+    """Class logits of the first loss in ``loss_fn`` named in :data:`CLASS_LOGITS`, or None.
+
+    A prototype loss that borrows the model's ``logit_scale`` (``scale=None``) gets scale 2:
+    only the ratio to the posterior temperature matters, and that is chosen on validation.
+    """
+    for name, make in CLASS_LOGITS.items():
+        if name in loss_fn.losses:
+            return make(loss_fn.losses[name])
+    return None
+
+
+class PosteriorHeads(nn.Module):
+    """Class-posterior embeddings from trained heads and a class-logit function.
+
+    head_image: [B, F_i] -> [B, C] softmax(logits(model.head_image(x)) / t_image); head_text
+    likewise with t_text. Rows sum to 1 (they are not unit vectors), so the dot product that
+    the evaluation ranks by is sum_c p_i(c) p_t(c), the probability that the two items share
+    a class if each posterior is right and the two are independent; with single-label
+    classes that is the relevance that class-level mAP counts. A temperature per modality
+    because the two classifiers are not equally sure: image posteriors from SIFT are far
+    flatter than text ones.
+    """
+
+    def __init__(self, model: nn.Module, logits: Callable[[Tensor], Tensor], t_image: float, t_text: float):
+        super().__init__()
+        if not (t_image > 0 and t_text > 0):
+            raise ConfigError(f"posterior temperatures must be > 0, got image {t_image!r}, text {t_text!r}")
+        self.model, self.logits = model, logits
+        self.t_image, self.t_text = float(t_image), float(t_text)
+
+    def head_image(self, x: Tensor) -> Tensor:
+        return (self.logits(self.model.head_image(x)) / self.t_image).softmax(dim=-1)
+
+    def head_text(self, x: Tensor) -> Tensor:
+        return (self.logits(self.model.head_text(x)) / self.t_text).softmax(dim=-1)
