@@ -21,10 +21,10 @@ def test_expected_texts_per_image_is_the_mean_count_of_the_nearest_training_imag
     image = torch.eye(len(train))  # training image n is the unit vector e_n
     three, one = int(torch.nonzero(counts == 3)[0]), int(torch.nonzero(counts == 1)[0])
     gallery = torch.stack([image[three], image[one], torch.nn.functional.normalize(image[three] + image[one], dim=0)])
-    # k = 1: the nearest training image's count; k = 2: the mean over the two nearest (ties at 0 excluded by k)
+    # k = 1: the nearest training image's count; k = 2: the mean over the two nearest (every other image is at 0)
     assert expected_texts_per_image(image, text_item, gallery[:2], k=1).tolist() == [3.0, 1.0]
     assert expected_texts_per_image(image, text_item, gallery[2:], k=2).tolist() == [2.0]
-    # the estimate never reads anything of the gallery but its images: counts are >= 1
+    # an image far from all training images still gets at least one text
     far = -torch.ones(1, len(train)) / len(train) ** 0.5
     assert expected_texts_per_image(image, text_item, far, k=3).item() >= 1.0
 
