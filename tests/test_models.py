@@ -164,6 +164,23 @@ def test_lock_freezes_exactly_the_backbones(lite0, cat_pixels):
     assert model.image_head.weight.grad is not None
 
 
+def test_frozen_norm_stats_keep_batchnorm_still_while_the_unlocked_tower_trains(cat_pixels):
+    model = build_two_tower("lite0-minilm", pretrained="none", embed_dim=8).model
+    model.freeze_norm_stats()
+    model.train()
+    bns = [m for m in model.clip.visual.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and not any(m.training for m in bns)
+    assert model.clip.visual.trunk.training and model.clip.text.training  # dropout etc. still train
+    bn = model.clip.visual.trunk.bn1
+    before = bn.running_mean.clone()
+    model.encode_image(cat_pixels.repeat(2, 1, 1, 1)).sum().backward()
+    torch.testing.assert_close(bn.running_mean, before, atol=0, rtol=0)
+    assert bn.weight.grad is not None  # scale and shift still learn
+    model.freeze_norm_stats(False)
+    model.encode_image(cat_pixels.repeat(2, 1, 1, 1))
+    assert not torch.equal(bn.running_mean, before)
+
+
 def test_save_load_round_trip_gives_identical_embeddings(lite0, cat_pixels, tmp_path):
     trained = copy.deepcopy(lite0.model)
     with torch.no_grad():

@@ -47,6 +47,11 @@ class TrainCfg(Section):
     epochs: int = Field(5, ge=0)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
+    #: learning rate of unlocked tower parameters; null = ``lr``. Pretrained towers want a far
+    #: smaller step than freshly initialised heads (CLIP fine-tuning uses about 1e-5).
+    backbone_lr: float | None = Field(None, gt=0)
+    #: unlocked towers: keep BatchNorm running statistics fixed (scale/shift still train)
+    freeze_bn_stats: bool = True
     weight_decay: float = Field(0.05, ge=0)
     #: validation metric that picks the best epoch (never the test split)
     select_metric: str = "val/rsum"

@@ -96,6 +96,7 @@ class TwoTower(nn.Module):
         self.channels_last = channels_last
         self.image_locked = False
         self.text_locked = False
+        self.norm_stats_frozen = False
         if channels_last:
             self.clip.visual.to(memory_format=torch.channels_last)
 
@@ -164,6 +165,16 @@ class TwoTower(nn.Module):
         self.text_locked = True
         self.train(self.training)
 
+    def freeze_norm_stats(self, frozen: bool = True) -> None:
+        """Keep every BatchNorm's running statistics fixed (eval mode) while the rest trains.
+
+        Fine-tuning a pretrained convolutional tower on a small, differently distributed
+        dataset otherwise moves the ImageNet statistics under heads fitted to them; the
+        BatchNorm scale and shift still learn.
+        """
+        self.norm_stats_frozen = frozen
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> "TwoTower":
         # A locked tower stays in eval mode: BatchNorm running statistics must not drift
         # and dropout must stay off, or cached backbone features would go stale. Swapping
@@ -175,4 +186,8 @@ class TwoTower(nn.Module):
         if self.text_locked:
             for m in self.text_tower_modules():
                 m.eval()
+        if self.norm_stats_frozen:
+            for m in self.clip.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self

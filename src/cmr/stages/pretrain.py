@@ -14,11 +14,13 @@ def run(p: Params, init_dir: str | None, section: str, out_dir: str) -> dict:
     cfg = getattr(p, section)
     result = fit(
         load_prepared(p.paths.prepared), out_dir, arch=p.model.arch, pretrained=p.model.pretrained,
-        embed_dim=p.model.embed_dim, head=p.model.head, init_dir=init_dir, lock_image=p.model.lock_image, lock_text=p.model.lock_text,
-        losses=cfg.losses, loss_options=cfg.loss_options, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, select_metric=cfg.select_metric, seed=p.seed,
+        embed_dim=p.model.embed_dim, head=p.model.head, init_dir=init_dir, lock_image=p.model.lock_image,
+        lock_text=p.model.lock_text, losses=cfg.losses, loss_options=cfg.loss_options, epochs=cfg.epochs,
+        batch_size=cfg.batch_size, lr=cfg.lr, backbone_lr=cfg.backbone_lr, freeze_bn_stats=cfg.freeze_bn_stats,
+        weight_decay=cfg.weight_decay,
+        select_metric=cfg.select_metric, seed=p.seed,
         device=resolve_device(p.device), amp=p.amp, level=p.evaluate.level, ks=p.evaluate.ks,
-        cache_dir=p.paths.cache, log=lambda m: log(f"{section}: {m}"),
+        cache_dir=p.paths.cache, log=lambda m: log(f"{section}: {m}"), workers=p.num_workers,
     )
     return {"best_epoch": result.best_epoch, **result.best}
 

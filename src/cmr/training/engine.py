@@ -18,13 +18,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from cmr.losses import LossInputs
 from cmr.retrieval.evaluation import evaluate_embeddings
-from cmr.training.features import FeatureSet, _tokens_to, load_image
+from cmr.training.features import FeatureSet, _tokens_to, image_batches
 
 
 @dataclass
@@ -66,12 +66,19 @@ def validate(model, fs: FeatureSet, device: str, level: str, ks: Sequence[int]) 
     return evaluate_embeddings(img, txt, fs.text_item, level, fs.labels, fs.identity, ks)
 
 
-def _optimizer(model, loss_fn, lr, weight_decay):
-    params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]  # biases, norms, logit_scale: decaying them hurts
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+def _optimizer(model, loss_fn, lr, weight_decay, backbone_lr: float | None = None):
+    """AdamW; tower parameters get ``backbone_lr`` (default ``lr``), heads and losses ``lr``."""
+    tower = {id(p) for p in model.image_tower_parameters() + model.text_tower_parameters()}
+    groups = []
+    for params, group_lr in (
+        ([p for p in model.parameters() if id(p) in tower], backbone_lr or lr),
+        ([p for p in model.parameters() if id(p) not in tower] + list(loss_fn.parameters()), lr),
+    ):
+        params = [p for p in params if p.requires_grad]
+        # biases, norms, logit_scale: decaying them hurts
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr": group_lr},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": group_lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
 def _cosine(opt, total_steps: int, warmup: int):
@@ -110,8 +117,12 @@ def _select(model, loss_fn, epochs: int, run_epoch: Callable[[int], dict], evalu
 
 
 def _epoch_runner(model, loss_fn, opt, sched, fs: FeatureSet, batch_size: int, gen: torch.Generator,
-                  device: str, embed: Callable[[torch.Tensor, torch.Tensor], tuple]) -> Callable[[int], dict]:
-    """One pass over the (text, item) pairs; ``embed(rows, item)`` gives (image [B, D], text [B, D])."""
+                  device: str, embed: Callable[[list[torch.Tensor]], Iterable[tuple]]) -> Callable[[int], dict]:
+    """One pass over the (text, item) pairs.
+
+    ``embed(batches)`` yields (image [B, D], text [B, D]) for each batch of text rows in
+    turn; a generator, so the tower path can decode images ahead of the step.
+    """
     labels_fs = _on(fs, device)
 
     def run_epoch(_epoch: int) -> dict:
@@ -119,9 +130,8 @@ def _epoch_runner(model, loss_fn, opt, sched, fs: FeatureSet, batch_size: int, g
         loss_fn.train()
         sums: dict[str, float] = {}
         batches = _pair_batches(fs, batch_size, gen)
-        for rows in batches:
+        for rows, (img, txt) in zip(batches, embed(batches)):
             item = fs.text_item[rows]
-            img, txt = embed(rows, item)
             total, parts = loss_fn(_loss_inputs(img.float(), txt.float(), model.logit_scale.exp(),
                                                 item.to(device), labels_fs))
             opt.zero_grad(set_to_none=True)
@@ -149,7 +159,10 @@ def train_heads(model, loss_fn, train: FeatureSet, val: FeatureSet, *, epochs: i
     sched = _cosine(opt, steps, warmup=max(1, steps // 20))
     img_all, txt_all = train.image.to(device), train.text.to(device)
 
-    embed = lambda rows, item: (model.head_image(img_all[item.to(device)]), model.head_text(txt_all[rows.to(device)]))
+    def embed(batches):
+        for rows in batches:
+            yield model.head_image(img_all[train.text_item[rows].to(device)]), model.head_text(txt_all[rows.to(device)])
+
     run_epoch = _epoch_runner(model, loss_fn, opt, sched, train, batch_size, gen, device, embed)
     return _select(model, loss_fn, epochs, run_epoch, lambda: validate(model, val, device, level, ks),
                    select_metric, log)
@@ -164,28 +177,36 @@ def _on(fs: FeatureSet, device: str) -> FeatureSet:
 def train_towers(model, loss_fn, tokenizer, preprocess_train, encode_val: Callable[[], FeatureSet],
                  train_items, root: Path, train_fs: FeatureSet, *, epochs: int, batch_size: int, lr: float,
                  weight_decay: float, select_metric: str, seed: int, device: str = "cpu", amp: bool = True,
-                 level: str = "instance", ks: Sequence[int] = (1, 5, 10),
-                 log: Callable[[str], None] = print) -> TrainResult:
-    """Fine-tune with at least one tower unlocked; images decoded and augmented each step.
+                 backbone_lr: float | None = None, freeze_bn_stats: bool = True, workers: int = 0,
+                 level: str = "instance",
+                 ks: Sequence[int] = (1, 5, 10), log: Callable[[str], None] = print) -> TrainResult:
+    """Fine-tune with at least one tower unlocked; images decoded and augmented each step
+    (``workers`` > 0: that many processes decode ahead, see :func:`cmr.training.features.image_batches`).
 
     ``train_fs`` supplies text_item/labels/identity of the train split (its feature
     tensors are unused); ``encode_val`` returns validation *head* embeddings as a FeatureSet.
     """
     gen = seed_everything(seed)
     model.to(device)
+    model.freeze_norm_stats(freeze_bn_stats)
     loss_fn.to(device)
     texts = [t for it in train_items for t in it.texts]
     steps = epochs * max(1, len(texts) // batch_size)
-    opt = _optimizer(model, loss_fn, lr, weight_decay)
+    opt = _optimizer(model, loss_fn, lr, weight_decay, backbone_lr)
     sched = _cosine(opt, steps, warmup=max(1, steps // 20))
     use_amp = amp and device.startswith("cuda")
 
-    def embed(rows, item):
-        pixels = torch.stack([preprocess_train(load_image(root, train_items[i].image)) for i in item.tolist()])
-        pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        tokens = _tokens_to(tokenizer([texts[r] for r in rows.tolist()]), device)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-            return model.encode_image(pixels), model.encode_text(tokens)
+    def embed(batches):
+        rels = [[train_items[i].image for i in train_fs.text_item[rows].tolist()] for rows in batches]
+        # the workers' augmentation seed, new each epoch (drawn only with workers: 0 keeps the old stream)
+        seed = int(torch.randint(2**31 - 1, (1,), generator=gen)) if workers else 0
+        pixel_batches = image_batches(root, rels, preprocess_train, workers, seed, pin_memory=device.startswith("cuda"))
+        for rows, pixels in zip(batches, pixel_batches):
+            pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            tokens = _tokens_to(tokenizer([texts[r] for r in rows.tolist()]), device)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+                out = model.encode_image(pixels), model.encode_text(tokens)
+            yield out  # outside autocast: the loss runs in float32
 
     run_epoch = _epoch_runner(model, loss_fn, opt, sched, train_fs, batch_size, gen, device, embed)
 

@@ -42,14 +42,14 @@ def backbone_id(model_dir: Path | None, arch: str, pretrained: str) -> str:
 
 
 def split_features(bundle, prepared: Prepared, split: str, bid: str, device: str,
-                   cache_dir: str | None) -> FeatureSet:
+                   cache_dir: str | None, workers: int = 0) -> FeatureSet:
     """Backbone features of one split, memoised by backbone and data version."""
     items = by_split(prepared.items, split)
     key = cache_key({"backbone": bid}, prepared.info["data_version"], [it.id for it in items])
     img, txt, owner = cached_backbone_features(
         cache_dir, key,
         lambda: compute_backbone_features(bundle.model, bundle.tokenizer, bundle.preprocess_val, items,
-                                          prepared.root, prepared.features, device))
+                                          prepared.root, prepared.features, device, workers=workers))
     return FeatureSet(img, txt, owner, label_matrix(items, prepared.label_set), identity_vector(items))
 
 
@@ -65,7 +65,8 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
         init_dir: str | None,
         lock_image: bool, lock_text: bool, losses: dict, loss_options: dict, epochs: int, batch_size: int,
         lr: float, weight_decay: float, select_metric: str, seed: int, device: str, amp: bool, level: str,
-        ks: Sequence[int], cache_dir: str | None, log: Callable[[str], None]) -> TrainResult:
+        ks: Sequence[int], cache_dir: str | None, log: Callable[[str], None],
+        backbone_lr: float | None = None, freeze_bn_stats: bool = True, workers: int = 0) -> TrainResult:
     torch.manual_seed(seed)
     if init_dir:
         bundle = load_two_tower(Path(init_dir) / "model", device=device)
@@ -79,15 +80,15 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
     if lock_text:
         model.lock_text_tower()
     loss_fn = build_loss(losses, loss_options, model.embed_dim, num_classes_for(prepared, losses))
-    train_fs = split_features(bundle, prepared, "train", bid, device, cache_dir)
-    val_fs = split_features(bundle, prepared, "val", bid, device, cache_dir)
+    train_fs = split_features(bundle, prepared, "train", bid, device, cache_dir, workers)
+    val_fs = split_features(bundle, prepared, "val", bid, device, cache_dir, workers)
     common = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                   select_metric=select_metric, seed=seed, device=device, level=level, ks=ks, log=log)
     if lock_image and lock_text:
         result = train_heads(model, loss_fn, train_fs, val_fs, **common)
     else:
         def encode_val() -> FeatureSet:
-            fresh = split_features(bundle, prepared, "val", f"live:{id(model)}", device, None)
+            fresh = split_features(bundle, prepared, "val", f"live:{id(model)}", device, None, workers)
             model.eval()
             with torch.no_grad():
                 return FeatureSet(model.head_image(fresh.image.to(device)).cpu(),
@@ -95,7 +96,9 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
                                   fresh.text_item, fresh.labels, fresh.identity)
 
         result = train_towers(model, loss_fn, bundle.tokenizer, bundle.preprocess_train, encode_val,
-                              by_split(prepared.items, "train"), prepared.root, train_fs, amp=amp, **common)
+                              by_split(prepared.items, "train"), prepared.root, train_fs, amp=amp,
+                              backbone_lr=backbone_lr, freeze_bn_stats=freeze_bn_stats, workers=workers,
+                              **common)
     tuned = (not lock_image or not lock_text) or bid.startswith("tuned:")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
