@@ -73,3 +73,46 @@ def test_train_towers_updates_only_the_unlocked_tower(small):
     moved = any(not torch.equal(a, b) for a, b in zip(before_img, model.image_tower_parameters()))
     assert moved == (result.best_epoch == 1)
     assert all(torch.equal(a, b) for a, b in zip(before_txt, model.text_tower_parameters()))
+
+
+def test_image_batches_with_worker_processes_match_in_process_decoding():
+    from cmr.models.architectures import image_transform
+    from cmr.models.two_tower import TowerSpec
+    from cmr.training.features import image_batches
+
+    prepared = prepare_dataset("openclipart", str(DEFAULT_DATA), {}, 0.1, 0.15, 0)
+    rels = [it.image for it in prepared.items[:10]]
+    batches = [rels[:4], rels[4:7], rels[7:]]
+    spec = TowerSpec(arch="x", pretrained="none", embed_dim=8, head="linear", image_dim=1, text_dim=1,
+                     image_size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic",
+                     resize_mode="shortest", context_length=8, normalize_text_backbone=False)
+    evaluate, train = image_transform(spec, is_train=False), image_transform(spec, is_train=True)
+    inline = list(image_batches(prepared.root, batches, evaluate, workers=0))
+    pooled = list(image_batches(prepared.root, batches, evaluate, workers=2))
+    assert [b.shape[0] for b in pooled] == [4, 3, 3]  # in order, one tensor per batch
+    assert all(torch.equal(a, b) for a, b in zip(inline, pooled))
+    # random augmentation in workers: the same seed gives the same draws, another seed others
+    first = list(image_batches(prepared.root, batches, train, workers=2, seed=7))
+    again = list(image_batches(prepared.root, batches, train, workers=2, seed=7))
+    other = list(image_batches(prepared.root, batches, train, workers=2, seed=8))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_optimizer_gives_unlocked_towers_their_own_learning_rate():
+    from cmr.training.engine import _optimizer
+
+    model = build_two_tower("lite0-minilm", pretrained="none", embed_dim=32).model
+    model.lock_text_tower()
+    loss = build_loss({"ce": 1.0}, {}, model.embed_dim, 5)  # a loss with its own parameters (the classifier)
+    opt = _optimizer(model, loss, lr=1e-3, weight_decay=0.1, backbone_lr=1e-5)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    tower = model.image_tower_parameters() + model.text_tower_parameters()
+    trainable = [p for p in list(model.parameters()) + list(loss.parameters()) if p.requires_grad]
+    assert set(lr_of) == {id(p) for p in trainable}  # every trainable parameter once, nothing frozen
+    assert all(lr_of[id(p)] == 1e-5 for p in model.image_tower_parameters())
+    assert not any(id(p) in lr_of for p in model.text_tower_parameters())
+    assert all(lr_of[id(p)] == 1e-3 for p in list(model.image_head.parameters()) + list(loss.parameters()))
+    assert lr_of[id(model.logit_scale)] == 1e-3 and decay_of[id(model.logit_scale)] == 0.0
+    assert all(decay_of[id(p)] == (0.1 if p.ndim >= 2 else 0.0) for p in trainable)

@@ -16,7 +16,8 @@ from cmr.stages._common import log, resolve_device, stage_main
 from cmr.training.fit import backbone_id, split_features
 
 
-def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir: str | None) -> dict:
+def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir: str | None,
+        workers: int = 0) -> dict:
     prepared = load_prepared(prepared_dir)
     bundle = load_two_tower(Path(model_dir) / "model", device=device)
     bid = backbone_id(Path(model_dir), "", "")
@@ -28,7 +29,7 @@ def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir:
             items = by_split(prepared.items, split)
             if not items:
                 continue
-            fs = split_features(bundle, prepared, split, bid, device, cache_dir)
+            fs = split_features(bundle, prepared, split, bid, device, cache_dir, workers)
             with torch.no_grad():
                 img = model.head_image(fs.image.to(device)).float().cpu()
                 txt = model.head_text(fs.text.to(device)).float().cpu()
@@ -41,7 +42,8 @@ def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir:
 
 
 def from_params(p: Params):
-    return run(p.paths.prepared, p.paths.finetuned, p.paths.embeddings, resolve_device(p.device), p.paths.cache)
+    return run(p.paths.prepared, p.paths.finetuned, p.paths.embeddings, resolve_device(p.device), p.paths.cache,
+               p.num_workers)
 
 
 def main(argv=None) -> int:

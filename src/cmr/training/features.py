@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -82,15 +82,52 @@ def load_image(root: Path, rel: str) -> Image.Image:
         return im.convert("RGB")
 
 
+def decode_images(root: Path, rels: Sequence[str], preprocess: Callable) -> torch.Tensor:
+    """Decode and preprocess images -> Tensor[B, 3, H, W]."""
+    return torch.stack([preprocess(load_image(root, rel)) for rel in rels])
+
+
+class _ImageBatches(torch.utils.data.Dataset):
+    """Item ``i`` is the decoded, preprocessed batch ``batches[i]`` (a list of image paths)."""
+
+    def __init__(self, root: Path, batches: Sequence[Sequence[str]], preprocess: Callable):
+        self.root, self.batches, self.preprocess = root, batches, preprocess
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return decode_images(self.root, self.batches[i], self.preprocess)
+
+
+def image_batches(root: Path, batches: Sequence[Sequence[str]], preprocess: Callable, workers: int = 0,
+                  seed: int = 0, pin_memory: bool = False) -> Iterable[torch.Tensor]:
+    """Decoded batches in order, each Tensor[B_i, 3, H, W]; decoding runs ``workers`` batches ahead.
+
+    ``workers=0`` decodes lazily in this process, drawing random augmentations from the
+    global RNG in step order (with dropout between). With workers, each worker process
+    draws from its own RNG seeded from ``seed`` and the batches go to workers round
+    robin, so the augmentations are again the same run to run for the same
+    (seed, workers) — but not the same as with ``workers=0``.
+    """
+    if workers <= 0:
+        return (decode_images(root, rels, preprocess) for rels in batches)
+    return torch.utils.data.DataLoader(
+        _ImageBatches(root, batches, preprocess), batch_size=None, shuffle=False, num_workers=workers,
+        pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+
+
 @torch.no_grad()
-def encode_batched(fn: Callable, inputs: Sequence, batch_size: int, collate: Callable) -> torch.Tensor:
-    outs = [fn(collate(inputs[i : i + batch_size])).float().cpu() for i in range(0, len(inputs), batch_size)]
+def encode_batched(fn: Callable, batches: Iterable) -> torch.Tensor:
+    """Concatenated ``fn(batch)`` over the batches, as float32 on the CPU."""
+    outs = [fn(batch).float().cpu() for batch in batches]
     return torch.cat(outs) if outs else torch.empty(0)
 
 
+@torch.no_grad()  # features only: with an unlocked tower a graph would be kept for the whole split
 def compute_backbone_features(
     model, tokenizer, preprocess, items: Sequence[Item], root: Path, features: dict | None,
-    device: str, batch_size: int = 32,
+    device: str, batch_size: int = 32, workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(image [N, F_i], text [T, F_t], text_item [T]) backbone outputs in eval mode.
 
@@ -107,20 +144,14 @@ def compute_backbone_features(
         raise ValueError("a precomputed-feature dataset needs both 'image' and 'text' arrays")
     model.eval()
     to_device = lambda x: x.to(device, non_blocking=True)
-    img = encode_batched(
-        model.backbone_image,
-        [it.image for it in items],
-        batch_size,
-        lambda paths: to_device(torch.stack([preprocess(load_image(root, p)) for p in paths])).contiguous(
-            memory_format=torch.channels_last
-        ),
-    )
-    txt = encode_batched(
-        model.backbone_text,
-        texts,
-        2 * batch_size,
-        lambda batch: _tokens_to(tokenizer(list(batch)), device),
-    )
+    rels = [it.image for it in items]
+    pixel_batches = image_batches(root, [rels[i : i + batch_size] for i in range(0, len(rels), batch_size)],
+                                  preprocess, workers, pin_memory=str(device).startswith("cuda"))
+    img = encode_batched(lambda px: model.backbone_image(to_device(px).contiguous(memory_format=torch.channels_last)),
+                         pixel_batches)
+    tb = 2 * batch_size
+    txt = encode_batched(lambda batch: model.backbone_text(_tokens_to(tokenizer(list(batch)), device)),
+                         (texts[i : i + tb] for i in range(0, len(texts), tb)))
     return img, txt, text_item
 
 
