@@ -26,26 +26,27 @@ from cmr.models.offline_weights import minilm_dir
 from cmr.training.features import compute_backbone_features, texts_of
 
 
-def pipeline_encode(bundle, items, root, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pipeline_encode(bundle, items, root, batch_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     model = bundle.model
     img, txt, _ = compute_backbone_features(model, bundle.tokenizer, bundle.preprocess_val, items, root,
-                                            None, "cpu", batch_size)
+                                            None, device, batch_size)
     with torch.no_grad():
-        return model.head_image(img), model.head_text(txt)
+        return model.head_image(img.to(device)).cpu(), model.head_text(txt.to(device)).cpu()
 
 
 @torch.no_grad()
-def bare_images(clip, transform, paths, batch_size: int) -> torch.Tensor:
+def bare_images(clip, transform, paths, batch_size: int, device: str = "cpu") -> torch.Tensor:
     out = []
     for i in range(0, len(paths), batch_size):
         pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[i:i + batch_size]])
-        out.append(clip.encode_image(pixels))
+        out.append(clip.encode_image(pixels.to(device)).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def bare_texts(clip, tokenizer, texts, batch_size: int) -> torch.Tensor:
-    return torch.cat([clip.encode_text(tokenizer(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)])
+def bare_texts(clip, tokenizer, texts, batch_size: int, device: str = "cpu") -> torch.Tensor:
+    return torch.cat([clip.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).cpu()
+                      for i in range(0, len(texts), batch_size)])
 
 
 def timed(fn) -> float:
@@ -62,6 +63,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch; texts use twice this, as the stage does")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both paths run on it)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -69,7 +71,8 @@ def main(argv=None) -> None:
     items = prepared.items[:args.items]
     texts, _ = texts_of(items)
     paths = [prepared.root / it.image for it in items]
-    bundle = build_two_tower("lite0-minilm", "offline", device="cpu")
+    dev = args.device
+    bundle = build_two_tower("lite0-minilm", "offline", device=dev)
     model = bundle.model.eval()
     clip = model.clip
     transform = image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(clip)), is_train=False)
@@ -78,23 +81,23 @@ def main(argv=None) -> None:
     # overhead is taken against the faster, which does exactly the pipeline's work.
     oc_tokenizer = open_clip.tokenizer.HFTokenizer(str(minilm_dir()), context_length=bundle.spec.context_length)
     n_img, n_txt, tb = len(items), len(texts), 2 * args.batch_size
-    print(f"{n_img} images + {n_txt} texts from {args.source}; lite0-minilm on cpu, torch threads "
+    print(f"{n_img} images + {n_txt} texts from {args.source}; lite0-minilm on {dev}, torch threads "
           f"{torch.get_num_threads()}, batch {args.batch_size} images / {tb} texts, {args.repeats} repeats")
 
     # Same model, same inputs: the bare path must give the pipeline's backbone features.
     ref_img, ref_txt, _ = compute_backbone_features(model, bundle.tokenizer, bundle.preprocess_val, items[:4],
-                                                    prepared.root, None, "cpu", args.batch_size)
-    bare_txt = torch.nn.functional.normalize(bare_texts(clip, oc_tokenizer, texts[:len(ref_txt)], tb), dim=-1)
-    print(f"max |pipeline - bare| on 4 items: image {float((ref_img - bare_images(clip, transform, paths[:4], 4)).abs().max()):.2e}, "
+                                                    prepared.root, None, dev, args.batch_size)
+    bare_txt = torch.nn.functional.normalize(bare_texts(clip, oc_tokenizer, texts[:len(ref_txt)], tb, dev), dim=-1)
+    print(f"max |pipeline - bare| on 4 items: image {float((ref_img - bare_images(clip, transform, paths[:4], 4, dev)).abs().max()):.2e}, "
           f"text {float((ref_txt - bare_txt).abs().max()):.2e}")
 
     # Round 0 is a warm-up (oneDNN builds its kernels per input shape) and is not counted.
     runs = {k: [] for k in ("pipeline", "bare image", "bare text, open_clip tokenizer", "bare text, pad to longest")}
     for _ in range(args.repeats + 1):
-        runs["pipeline"].append(timed(lambda: pipeline_encode(bundle, items, prepared.root, args.batch_size)))
-        runs["bare image"].append(timed(lambda: bare_images(clip, transform, paths, args.batch_size)))
-        runs["bare text, open_clip tokenizer"].append(timed(lambda: bare_texts(clip, oc_tokenizer, texts, tb)))
-        runs["bare text, pad to longest"].append(timed(lambda: bare_texts(clip, bundle.tokenizer, texts, tb)))
+        runs["pipeline"].append(timed(lambda: pipeline_encode(bundle, items, prepared.root, args.batch_size, dev)))
+        runs["bare image"].append(timed(lambda: bare_images(clip, transform, paths, args.batch_size, dev)))
+        runs["bare text, open_clip tokenizer"].append(timed(lambda: bare_texts(clip, oc_tokenizer, texts, tb, dev)))
+        runs["bare text, pad to longest"].append(timed(lambda: bare_texts(clip, bundle.tokenizer, texts, tb, dev)))
     runs = {k: v[1:] for k, v in runs.items()}
     # Other jobs on the machine only ever add time, so the best round is reported too.
     for label, stat in (("median", statistics.median), ("best", min)):
