@@ -30,13 +30,19 @@ def test_bench_index_prints_ratios_and_recall(capsys):
 
 
 def test_bench_sinkhorn_prints_ratio_and_agrees_with_naive(capsys):
-    load("bench_sinkhorn").main(["--n", "300", "--dim", "32", "--clusters", "20", "--epsilon", "0.05", "0.01"])
+    load("bench_sinkhorn").main(["--n", "200", "--dim", "32", "--clusters", "20", "--epsilon", "0.05", "0.01",
+                                 "--reference"])
     out = capsys.readouterr().out
-    rows = re.findall(r"^(0\.0[15]) +(\S+) +(\d+) +(\S+) +(\d+) +(\S+) +(\S+)x +(\S+)% +(\S+)$", out, re.M)
+    rows = re.findall(r"^(0\.0[15]) +(\S+) +(\S+) +(\d+) +(\S+) +(\d+) +(\S+) +(\d+) +(\S+) +(\S+)x +(\S+)% "
+                      r"+(\S+) +(\S+)$", out, re.M)
     assert [r[0] for r in rows] == ["0.05", "0.01"]
     for row in rows:
-        assert row[1] == "scaling/float32" and float(row[6]) > 0
-        assert float(row[7]) >= 99.0  # top-1 of the naive float64 loop kept
+        assert row[1] == "scaling/float32" and float(row[2]) >= 1.0
+        assert float(row[10]) >= 90.0  # top-1 agreement of two solves that each stop at 1 % error
+        assert float(row[11]) < 0.05 and float(row[12]) < 0.05  # bias deviation from the naive dense solve
+    ref = re.findall(r"max bias diff ours (\S+), plain (\S+), naive (\S+);", out)
+    assert len(ref) == 2 and all(float(x) < 0.06 for r in ref for x in r)
+    assert all(float(x) >= 95.0 for x in re.findall(r"top-1 agree ours (\S+)%", out))
 
 
 @pytest.mark.slow

@@ -62,8 +62,9 @@ def test_sinkhorn_matches_loop_reference_and_marginals(B, G, weights):
 
 
 # At epsilon 0.001 the plan is nearly a hard assignment: the marginals pin the potentials
-# down only loosely, so equal marginal errors allow a larger bias difference.
-@pytest.mark.parametrize("epsilon,bias_tol", [(0.05, 1e-3), (0.01, 1e-3), (0.001, 3e-2)])
+# down only loosely, so equal marginal errors allow a larger bias difference (measured:
+# 0.018 epsilon with omega 1, 0.40 epsilon over-relaxed, whose rows are inexact too).
+@pytest.mark.parametrize("epsilon,bias_tol", [(0.05, 1e-3), (0.01, 1e-3), (0.001, 0.6)])
 def test_sinkhorn_float32_scaling_meets_marginals_and_matches_pot_log_domain(epsilon, bias_tol):
     # epsilon 0.001 spans exp(-2000) in the kernel: only the folding of scalings into
     # log potentials keeps float32 finite there.
@@ -72,9 +73,10 @@ def test_sinkhorn_float32_scaling_meets_marginals_and_matches_pot_log_domain(eps
     assert res.method == "scaling/float32"
     assert res.marginal_error <= 1e-5
     assert torch.isfinite(res.gallery_bias).all()
-    assert torch.allclose(res.plan.sum(1).double(), torch.full((30,), 1 / 30, dtype=torch.float64), rtol=1e-5)
-    col_error = torch.linalg.norm(res.plan.sum(0).double() - 1 / 20) / torch.linalg.norm(torch.full((20,), 1 / 20))
-    assert float(col_error) <= 2e-5  # re-summed from the float32 plan: rounding on top of 1e-5
+    # Re-summed from the float32 plan: rounding on top of 1e-5 (rows are exact only when
+    # omega is 1; over-relaxation leaves both marginals within stop_thr).
+    assert relative_error(res.plan.sum(1), 30) <= 2e-5
+    assert relative_error(res.plan.sum(0), 20) <= 2e-5
     ref = sinkhorn_biases(bank.double(), epsilon=epsilon, max_iter=100000, stop_thr=1e-7, method="sinkhorn_log")
     assert ref.method == "sinkhorn_log/float64"
     got, want = res.gallery_bias.double(), ref.gallery_bias
@@ -82,8 +84,86 @@ def test_sinkhorn_float32_scaling_meets_marginals_and_matches_pot_log_domain(eps
     assert float(((got - got.mean()) - (want - want.mean())).abs().max()) < epsilon * bias_tol
 
 
+def relative_error(marginal, n):
+    """||marginal - 1/n|| / ||1/n||, summed in float64."""
+    return float(torch.linalg.norm(marginal.double() - 1 / n) * n ** 0.5)
+
+
+def clustered_cosine(n_rows, n_cols, seed, clusters=8, dim=32):
+    """Cosine scores between two draws of one Gaussian mixture: hubs and slow modes, like real embeddings."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, dim, generator=gen)
+
+    def draw(n):
+        x = centres[torch.randint(0, clusters, (n,), generator=gen)] + torch.randn(n, dim, generator=gen)
+        return torch.nn.functional.normalize(x, dim=1)
+    return draw(n_rows) @ draw(n_cols).T
+
+
+def wikipedia_sift_cosine(root, n_bank, n_gallery):
+    """Real scores: centred, L2-normalised SIFT histograms of Wikipedia train (bank) vs test (gallery) images."""
+    data = np.load(root / "wikipedia_cmr" / "wikipedia_cmr.npz")
+    mean = data["train_image"].mean(0)
+    bank, gallery = data["train_image"][:n_bank] - mean, data["test_image"][:n_gallery] - mean
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    return torch.from_numpy(bank @ gallery.T).float()
+
+
+def centred_gap(got, want):
+    diff = got.double() - want.double()
+    return float((diff - diff.mean()).abs().max())
+
+
+# Tolerances: biases of two solves that each meet the marginals to stop_thr differ by
+# about epsilon * stop_thr * (a conditioning factor that grows as epsilon falls); the
+# bounds below are 3-10x what was measured (benchmarks/README.md, 2026-11-22 evening).
+@pytest.mark.parametrize("epsilon,bias_tol", [(0.05, 1e-4), (0.01, 1e-3)])
+def test_over_relaxed_sinkhorn_matches_pot_log_domain_in_fewer_iterations(epsilon, bias_tol):
+    bank = clustered_cosine(200, 150, seed=0)
+    ref = sinkhorn_biases(bank.double(), epsilon, max_iter=100000, stop_thr=1e-7, method="sinkhorn_log")
+    fast = sinkhorn_biases(bank, epsilon, max_iter=20000, stop_thr=1e-6)
+    plain = sinkhorn_biases(bank, epsilon, max_iter=20000, stop_thr=1e-6, omega=1.0)
+    assert fast.omega > 1.2 and plain.omega == 1.0
+    assert fast.marginal_error <= 1e-6 and plain.marginal_error <= 1e-6
+    assert relative_error(fast.plan.sum(1), 200) <= 3e-6 and relative_error(fast.plan.sum(0), 150) <= 3e-6
+    assert fast.n_iter < plain.n_iter / 2, (fast.n_iter, plain.n_iter)
+    assert centred_gap(fast.gallery_bias, ref.gallery_bias) < epsilon * bias_tol
+    assert centred_gap(plain.gallery_bias, ref.gallery_bias) < epsilon * bias_tol
+
+
+@pytest.mark.parametrize("epsilon", [0.05, 0.02])
+def test_over_relaxed_sinkhorn_on_real_scores_matches_pot_and_keeps_top1(shared_datasets, epsilon):
+    bank = wikipedia_sift_cosine(shared_datasets, 300, 150)
+    ref = sinkhorn_biases(bank.double(), epsilon, max_iter=100000, stop_thr=1e-7, method="sinkhorn_log")
+    fast = sinkhorn_biases(bank, epsilon, max_iter=20000, stop_thr=1e-5)
+    assert fast.marginal_error <= 1e-5 and fast.omega > 1.0
+    assert relative_error(fast.plan.sum(1), 300) <= 2e-5 and relative_error(fast.plan.sum(0), 150) <= 2e-5
+    assert centred_gap(fast.gallery_bias, ref.gallery_bias) < 0.01 * epsilon
+    # At the pipeline's default tolerance (1 %) the calibrated ranking stays the reference's.
+    default = sinkhorn_biases(bank, epsilon)
+    agree = ((bank + default.gallery_bias).argmax(1) == (bank + ref.gallery_bias.float()).argmax(1)).double().mean()
+    assert float(agree) >= 0.98
+
+
+def test_over_relaxation_that_diverges_backs_off_and_still_converges():
+    bank = clustered_cosine(200, 150, seed=0)
+    res = sinkhorn_biases(bank, 0.05, max_iter=20000, stop_thr=1e-6, omega=1.95)
+    assert res.marginal_error <= 1e-6
+    assert 1.0 < res.omega < 1.95  # it had to back off
+    ref = sinkhorn_biases(bank.double(), 0.05, max_iter=20000, stop_thr=1e-8, omega=1.0)
+    assert centred_gap(res.gallery_bias, ref.gallery_bias) < 0.05 * 1e-4
+
+
+def test_sinkhorn_omega_is_checked():
+    with pytest.raises(ConfigError, match="omega"):
+        sinkhorn_biases(cosine_scores(5, 5, seed=1), omega=2.0)
+    with pytest.raises(ConfigError, match="omega"):
+        calibrate("sinkhorn", cosine_scores(3, 5, seed=1), cosine_scores(5, 5, seed=2), omega=0.5)
+
+
 def test_sinkhorn_warns_when_it_stops_early():
-    with pytest.warns(UserWarning, match="gallery-marginal error"):
+    with pytest.warns(UserWarning, match="marginal error"):
         sinkhorn_biases(cosine_scores(50, 50, seed=4), epsilon=0.005, max_iter=1, stop_thr=1e-9)
 
 
