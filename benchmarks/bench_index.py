@@ -49,7 +49,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
     p.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    p.add_argument("--hnsw-m", type=int, nargs="+", default=[32], help="one HNSW graph per M")
+    p.add_argument("--hnsw-m", type=int, nargs="+", default=[32], help="one HNSW graph per M and storage")
+    p.add_argument("--hnsw-storage", nargs="+", default=["flat", "sq8"], choices=["flat", "sq8", "fp16"],
+                   help="vectors the HNSW walk compares: float32, 8-bit or 16-bit scalar-quantised")
+    p.add_argument("--ef-construction", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -107,10 +110,13 @@ def main(argv=None) -> None:
     sweep(f"ivf nlist={ivf.faiss_index.nlist}", ivf, "nprobe",
           [v for v in args.nprobe if v <= ivf.faiss_index.nlist], ivf_build)
     for m in args.hnsw_m:
-        start = time.perf_counter()
-        hnsw = build_index("hnsw", gallery, ids, device="cpu", M=m)
-        sweep(f"hnsw M={m}", hnsw, "ef_search", args.ef_search, time.perf_counter() - start)
-        del hnsw
+        for storage in args.hnsw_storage:
+            start = time.perf_counter()
+            hnsw = build_index("hnsw", gallery, ids, device="cpu", M=m, storage=storage,
+                               ef_construction=args.ef_construction)
+            sweep(f"hnsw M={m} storage={storage} ef_construction={args.ef_construction}", hnsw, "ef_search",
+                  args.ef_search, time.perf_counter() - start)
+            del hnsw
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ def ratios(text, pattern):
 
 def test_bench_index_prints_ratios_and_recall(capsys):
     load("bench_index").main(["--n", "3000", "--dim", "32", "--queries", "50", "--clusters", "30", "--repeats", "1",
-                              "--nprobe", "1", "4", "--ef-search", "16", "64", "--hnsw-m", "8", "16"])
+                              "--nprobe", "1", "4", "--ef-search", "16", "64", "--hnsw-m", "8", "16",
+                              "--hnsw-storage", "flat", "sq8"])
     out = capsys.readouterr().out
     assert len(ratios(out, r"ratio to best torch (\d+\.\d+)")) == 3
     assert "same top-10 set for 100.0% of queries" in out
     recalls = ratios(out, r"x +(\d\.\d{3})\n")
-    assert len(recalls) == 6 and all(0.0 <= r <= 1.0 for r in recalls)
+    assert len(recalls) == 10 and all(0.0 <= r <= 1.0 for r in recalls)
+    assert out.count("storage=sq8") == 2
 
 
 def test_bench_sinkhorn_prints_ratio_and_agrees_with_naive(capsys):

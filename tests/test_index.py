@@ -52,6 +52,25 @@ def test_approximate_recall_vs_flat(data, kind, cheap, default):
         assert recall_vs_exact(approx.tune(nprobe=approx.faiss_index.nlist), exact, queries, 10) > 0.999
 
 
+@pytest.mark.parametrize("storage,score_tol", [("sq8", 0.02), ("fp16", 1e-3)])
+def test_hnsw_on_scalar_quantised_storage_keeps_recall_and_scores(data, tmp_path, storage, score_tol):
+    gallery, queries, ids = data
+    exact = build_index("flat", gallery, ids, device="cpu")
+    approx = build_index("hnsw", gallery, ids, device="cpu", M=16, storage=storage, ef_search=64)
+    assert type(approx.faiss_index).__name__ == "IndexHNSWSQ"
+    assert 0.95 <= recall_vs_exact(approx, exact, queries, 10) <= 1.0
+    # Scores are inner products of the decoded vectors: close to, not equal to, the exact ones.
+    scores, rows = approx.search(queries, 10)
+    true = np.einsum("qd,qkd->qk", queries, gallery[rows])
+    assert 0 < np.abs(scores - true).max() < score_tol
+    approx.save(tmp_path / "idx")
+    loaded = load_index(tmp_path / "idx", device="cpu")
+    assert loaded.build_options["storage"] == storage
+    np.testing.assert_array_equal(loaded.search(queries, 5)[1], approx.search(queries, 5)[1])
+    with pytest.raises(ConfigError, match="storage"):
+        build_index("hnsw", gallery[:100], ids[:100], device="cpu", storage="pq")
+
+
 def test_search_ids(data):
     gallery, _, ids = data
     index = build_index("flat", gallery[:100], ids[:100], device="cpu")
