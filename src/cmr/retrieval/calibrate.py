@@ -155,15 +155,16 @@ _SWEEP_THREADS = 1
 # Over-relaxation (Thibault et al. 2021; Lehmann et al. 2021): plain Sinkhorn runs this many
 # iterations, then omega = 2 / (1 + sqrt(1 - rho)) from its measured per-iteration error
 # contraction rho (over the last _RATE_WINDOW iterations, capped at _RATE_CAP), the SOR
-# optimum for a linear iteration of that rate. At epsilon 0.01 on 5k x 5k cosine scores it
-# cut iterations from ~290 to ~70 (benchmarks/README.md); starting after 10 iterations
-# instead of 20 diverged there, since the rate is not yet the asymptotic one.
-_OMEGA_START, _RATE_WINDOW, _RATE_CAP = 20, 5, 0.99
+# optimum for a linear iteration of that rate. On 5k x 5k clustered cosine scores at
+# epsilon 0.01 plain Sinkhorn stalls (rho ~ 1): the cap 0.98 (omega 1.75) took 83
+# iterations instead of 284; 0.99 (omega 1.82) diverged there and backed off (124), and
+# starting after 10 iterations instead of 20 diverged too (benchmarks/README.md).
+_OMEGA_START, _RATE_WINDOW, _RATE_CAP = 20, 5, 0.98
 # Over-relaxation first lifts the error (at epsilon 0.01 on 5k x 5k, to 6x the best and
 # back below it within 15 iterations), so divergence is read as an error above
 # _DIVERGED x the best, or no new best for _PATIENCE iterations: the solve then returns
-# to the best potentials with omega a quarter of the way back to 1 (halfway took 173
-# iterations instead of 124 there).
+# to the best potentials with omega a quarter of the way back to 1 (with omega capped at
+# 1.82 there, halfway back took 173 iterations instead of 124).
 _DIVERGED, _PATIENCE, _BACKOFF = 100.0, 50, 0.75
 
 
