@@ -13,7 +13,6 @@ Each epoch is evaluated on the validation split; the state with the best
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -90,6 +89,12 @@ def _cosine(opt, total_steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the state that training can change: all but frozen parameters (locked towers)."""
+    return {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()
+            if not (isinstance(v, torch.nn.Parameter) and not v.requires_grad)}
+
+
 def _select(model, loss_fn, epochs: int, run_epoch: Callable[[int], dict], evaluate: Callable[[], dict],
             select_metric: str, log: Callable[[str], None]) -> TrainResult:
     key = select_metric.removeprefix("val/")
@@ -98,7 +103,7 @@ def _select(model, loss_fn, epochs: int, run_epoch: Callable[[int], dict], evalu
     if key not in best:
         raise KeyError(f"select_metric {select_metric!r} is not a validation metric; have {sorted(best)}")
     result.best = best
-    best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(loss_fn.state_dict()))
+    best_state = (_snapshot(model), _snapshot(loss_fn))
     log(f"epoch 0: val {key}={best[key]:.2f}")
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
@@ -110,9 +115,9 @@ def _select(model, loss_fn, epochs: int, run_epoch: Callable[[int], dict], evalu
         log(f"epoch {epoch}: loss={parts.get('loss', float('nan')):.4f} val {key}={metrics[key]:.2f}")
         if metrics[key] > result.best[key]:
             result.best, result.best_epoch = metrics, epoch
-            best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(loss_fn.state_dict()))
-    model.load_state_dict(best_state[0])
-    loss_fn.load_state_dict(best_state[1])
+            best_state = (_snapshot(model), _snapshot(loss_fn))
+    model.load_state_dict(best_state[0], strict=False)  # frozen parameters never left their values
+    loss_fn.load_state_dict(best_state[1], strict=False)
     return result
 
 
