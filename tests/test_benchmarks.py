@@ -53,3 +53,19 @@ def test_bench_encode_prints_overhead_ratio(capsys):
     out = capsys.readouterr().out
     assert "max |pipeline - bare| on 4 items: image 0.00e+00" in out
     assert len(ratios(out, r"(?:median|best): overhead ratio pipeline / bare open_clip: (\d+\.\d+)")) == 2
+
+
+@pytest.mark.slow
+def test_bench_gpu_runs_its_three_parts_on_cpu(capsys, tmp_path):
+    # toy size on the CPU: the same code paths as on CUDA, without autocast (CPU has none here)
+    params = tmp_path / "params.yaml"
+    text = (BENCH.parent / "params.yaml").read_text()
+    params.write_text(text.replace("epochs: 8", "epochs: 1").replace("batch_size: 128", "batch_size: 8"))
+    load("bench_gpu").main(["--device", "cpu", "--params", str(params), "--items", "60", "--steps", "1",
+                            "--batch-size", "4", "--workers", "2", "--gallery", "500"])
+    out = capsys.readouterr().out
+    assert len(ratios(out, r": +(\d+\.\d) pairs/s")) == 6
+    assert "identical top-10 ids: True" in out
+    rows = re.findall(r"^  (pretrain \(heads\)|finetune, towers (?:un)?locked) +(\d+) +(\d+\.\d)", out, re.M)
+    assert [r[0] for r in rows] == ["pretrain (heads)", "finetune, towers locked", "finetune, towers unlocked"]
+    assert all(int(r[1]) in (0, 1) for r in rows)  # one epoch each: the start or epoch 1, chosen on validation
