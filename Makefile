@@ -47,3 +47,5 @@ bench: install
 	$(BIN)/python benchmarks/bench_index.py
 	$(BIN)/python benchmarks/bench_sinkhorn.py
 	$(BIN)/python benchmarks/bench_encode.py
+	@if $(BIN)/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(BIN)/python benchmarks/bench_gpu.py; else echo 'bench_gpu.py skipped: no CUDA device'; fi
