@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cmr.errors import ConfigError, DataError
-from cmr.retrieval.calibrate import CALIBRATORS, calibrate, option_grid, select_calibration, sinkhorn_biases
+from cmr.retrieval.calibrate import (CALIBRATORS, calibrate, expected_texts_per_image, option_grid, select_calibration,
+                                    sinkhorn_biases)
 from cmr.retrieval.metrics import positives_instance, retrieval_metrics
 
 
@@ -338,11 +339,16 @@ def test_stage_records_the_choice_made_on_validation_and_applies_it_to_test(tmp_
         chosen = saved["chosen"][d]
         assert (chosen["method"], chosen["options"], chosen["val_score"]) == (best["method"], best["options"], best["score"])
         assert chosen["val_score"] >= cands[0]["score"]
-        expect, _ = calibrate(chosen["method"], queries @ gallery.T, bank @ gallery.T, **chosen["options"])
+        # text->image Sinkhorn asks each image for the texts it is expected to have (train has 1-2 per image)
+        train = splits["train"]
+        marginal = ({"gallery_weights": expected_texts_per_image(train.image, train.text_item, test.image)}
+                    if (d, chosen["method"]) == ("t2i", "sinkhorn") else {})
+        expect, _ = calibrate(chosen["method"], queries @ gallery.T, bank @ gallery.T, **chosen["options"], **marginal)
         np.testing.assert_allclose(got[d], expect.numpy(), atol=1e-5)
     # The hubs are real here, so Sinkhorn should be the choice in text->image at least.
     assert saved["chosen"]["t2i"]["method"] == "sinkhorn"
     assert saved["serving_bias"] and (tmp_path / "cal" / "serving_bias.npz").exists()
+    assert saved["t2i_gallery_marginal"].startswith("texts per image estimated")
 
 
 def test_stage_writes_no_serving_bias_when_validation_keeps_none(tmp_path):
@@ -359,3 +365,23 @@ def test_stage_writes_no_serving_bias_when_validation_keeps_none(tmp_path):
     saved = read_json(tmp_path / "cal" / "calibration.json")
     assert {c["method"] for c in saved["chosen"].values()} == {"none"}
     assert not saved["serving_bias"] and not (tmp_path / "cal" / "serving_bias.npz").exists()
+
+
+def test_select_calibration_passes_fixed_data_options_to_the_calibrator_only():
+    """``fixed`` reaches the calibrator being chosen (not 'none') and stays out of the recorded options."""
+    gen = torch.Generator().manual_seed(3)
+    scores, bank = torch.randn(30, 12, generator=gen), torch.randn(60, 12, generator=gen)
+    positives = torch.zeros(30, 12, dtype=torch.bool)
+    positives[torch.arange(30), torch.arange(30) % 12] = True
+    weights = torch.arange(1, 13, dtype=torch.float64)
+    sel = select_calibration("sinkhorn", scores, bank, positives, {"epsilon": [0.1]}, fixed={"gallery_weights": weights})
+    uniform = select_calibration("sinkhorn", scores, bank, positives, {"epsilon": [0.1]})
+    assert [c["options"] for c in sel.candidates] == [{}, {"epsilon": 0.1}]
+    weighted, _ = calibrate("sinkhorn", scores, bank, epsilon=0.1, gallery_weights=weights)
+    plain, _ = calibrate("sinkhorn", scores, bank, epsilon=0.1)
+    from cmr.retrieval.metrics import retrieval_metrics
+
+    score = lambda s: 100.0 * sum(retrieval_metrics(s, positives, ks=(1, 5, 10))[f"R@{k}"] for k in (1, 5, 10))
+    assert sel.candidates[1]["score"] == pytest.approx(score(weighted))
+    assert uniform.candidates[1]["score"] == pytest.approx(score(plain))
+    assert sel.candidates[0]["score"] == uniform.candidates[0]["score"]  # 'none' got no gallery_weights

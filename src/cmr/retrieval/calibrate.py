@@ -418,6 +418,21 @@ DEFAULT_GRIDS: dict[str, dict[str, list]] = {
 }
 
 
+def expected_texts_per_image(train_image: torch.Tensor, train_text_item: torch.Tensor,
+                             gallery_image: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """[G] estimated number of texts per gallery image, from training data only.
+
+    train_image [N, D] and gallery_image [G, D] L2-normalised; train_text_item [T] the
+    image of each training text. Each gallery image gets the mean text count of its
+    ``k`` most similar training images. How often an image will be asked for is a
+    property of the test queries, which the inductive setting must not read; this is
+    Sinkhorn's text->image gallery marginal when images have several texts.
+    """
+    counts = torch.bincount(train_text_item, minlength=train_image.shape[0]).to(torch.float64)
+    nearest = (gallery_image @ train_image.T).topk(min(k, train_image.shape[0]), dim=1).indices
+    return counts[nearest].mean(dim=1).clamp(min=1.0)
+
+
 def option_grid(name: str, options: dict | None = None) -> list[dict]:
     """Every option set to try for calibrator ``name``.
 
@@ -447,14 +462,16 @@ class Selection:
 
 def select_calibration(name: str, scores: torch.Tensor, bank: torch.Tensor | None, positives: torch.Tensor,
                        options: dict | None = None, ks: tuple[int, ...] = (1, 5, 10),
-                       transductive: bool = False) -> Selection:
+                       transductive: bool = False, fixed: dict | None = None) -> Selection:
     """Choose between no calibration and calibrator ``name`` over its option grid.
 
     scores: [Q, G] validation queries against the validation gallery; bank: [B, G] the
     query bank against the same gallery; positives: [Q, G] bool (queries without a
     positive are left out). The criterion is the sum of R@K in percent. ``none`` is
     tried first and a later candidate must beat the best so far strictly, so the choice
-    never scores below ``none`` on validation.
+    never scores below ``none`` on validation. ``fixed`` options follow from the data
+    rather than being chosen (Sinkhorn's ``gallery_weights`` for this gallery): passed
+    to calibrator ``name``, not recorded in the selection.
     """
     from cmr.retrieval.metrics import retrieval_metrics
 
@@ -463,7 +480,8 @@ def select_calibration(name: str, scores: torch.Tensor, bank: torch.Tensor | Non
     tried = [("none", {})] + ([] if name == "none" else [(name, o) for o in option_grid(name, options)])
     rows, best = [], None
     for method, opts in tried:
-        out, _ = calibrate(method, scores, bank, transductive=transductive, **opts)
+        extra = (fixed or {}) if method == name else {}
+        out, _ = calibrate(method, scores, bank, transductive=transductive, **opts, **extra)
         metrics = retrieval_metrics(out, positives, ks=tuple(ks))
         score = 100.0 * sum(metrics[f"R@{k}"] for k in ks)
         rows.append({"method": method, "options": opts, "score": score})

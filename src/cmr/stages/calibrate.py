@@ -16,6 +16,11 @@ scores of the test split), ``calibration.json`` (the choice per direction and ev
 candidate's validation score) and, when both chosen calibrations are a per-gallery-item
 additive bias (Sinkhorn, inverted softmax, none), ``serving_bias.npz`` over the whole
 gallery so the index can serve calibrated search.
+
+Sinkhorn's text->image gallery marginal is not uniform when images have several texts:
+each gallery image gets the number of texts it is expected to be asked by, estimated
+from its nearest training images (:func:`expected_texts_per_image`), never from the
+test queries. Image->text keeps the uniform marginal (each text has one image).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import torch
 from cmr.config import Params
 from cmr.embeddings import SplitEmbeddings, load_gallery, load_split
 from cmr.io import atomic_path, write_json
-from cmr.retrieval.calibrate import Selection, calibrate, select_calibration
+from cmr.retrieval.calibrate import Selection, calibrate, expected_texts_per_image, select_calibration
 from cmr.retrieval.evaluation import positives_t2i
 from cmr.stages._common import log, stage_main
 
@@ -60,8 +65,16 @@ def _gallery(split: SplitEmbeddings, direction: str) -> torch.Tensor:
     return split.image if direction == "t2i" else split.text
 
 
+def data_options(method: str, direction: str, train: SplitEmbeddings, gallery_images: torch.Tensor) -> dict:
+    """Options that follow from the data, per gallery: Sinkhorn's text->image marginal."""
+    if method == "sinkhorn" and direction == "t2i":
+        return {"gallery_weights": expected_texts_per_image(train.image, train.text_item, gallery_images)}
+    return {}
+
+
 def choose_on_validation(method: str, options: dict, val: SplitEmbeddings, bank_split: SplitEmbeddings | None,
-                         max_bank: int, seed: int, level: str, ks: Sequence[int]) -> dict[str, Selection]:
+                         train: SplitEmbeddings, max_bank: int, seed: int, level: str,
+                         ks: Sequence[int]) -> dict[str, Selection]:
     """Per direction, the calibration chosen on validation (``bank_split`` None: transductive)."""
     pos = positives_t2i(val.text_item, val.image.shape[0], level, val.labels, val.identity)
     chosen = {}
@@ -70,7 +83,8 @@ def choose_on_validation(method: str, options: dict, val: SplitEmbeddings, bank_
         scores = _queries(val, direction) @ gallery.T
         bank = None if bank_split is None else _bank(_queries(bank_split, direction), max_bank, seed) @ gallery.T
         chosen[direction] = select_calibration(method, scores, bank, positives, options, tuple(ks),
-                                               transductive=bank_split is None)
+                                               transductive=bank_split is None,
+                                               fixed=data_options(method, direction, train, val.image))
     return chosen
 
 
@@ -84,16 +98,20 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
     # transductive one from the validation queries themselves.
     bank_split = load_split(f"{embeddings_dir}/{query_bank}.npz")
     train = bank_split if query_bank == "train" else load_split(f"{embeddings_dir}/train.npz")
-    chosen = choose_on_validation(method, options, val, None if transductive else train, max_bank, seed, level, ks)
+    chosen = choose_on_validation(method, options, val, None if transductive else train, train, max_bank, seed,
+                                  level, ks)
     banks = {d: _bank(_queries(bank_split, d), max_bank, seed) for d in DIRECTIONS}
     calibrated, suffix = {}, ""
     for d in DIRECTIONS:
         gallery = _gallery(test, d)
         scores = _queries(test, d) @ gallery.T
         bank = None if transductive else banks[d] @ gallery.T
-        calibrated[d], s = calibrate(chosen[d].method, scores, bank, transductive=transductive, **chosen[d].options)
+        calibrated[d], s = calibrate(chosen[d].method, scores, bank, transductive=transductive, **chosen[d].options,
+                                     **data_options(chosen[d].method, d, train, test.image))
         suffix = suffix or s
     meta = {"method": method, "options": options, "query_bank": query_bank, "suffix": suffix,
+            "t2i_gallery_marginal": "texts per image estimated from the 5 nearest training images"
+            if method == "sinkhorn" else None,
             "bank_sizes": {d: int(banks[d].shape[0]) for d in DIRECTIONS},
             "selection": {"on": "val", "bank": "val (transductive)" if transductive else "train",
                           "criterion": f"sum of R@{{{','.join(map(str, ks))}}} per direction, percent"},
@@ -108,7 +126,8 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
         meta["serving_bias"] = False
         if any(c.method != "none" for c in chosen.values()):
             whole = load_gallery(embeddings_dir)
-            bias = {d: additive_bias(chosen[d].method, banks[d] @ _gallery(whole, d).T, chosen[d].options)
+            bias = {d: additive_bias(chosen[d].method, banks[d] @ _gallery(whole, d).T,
+                                     {**chosen[d].options, **data_options(chosen[d].method, d, train, whole.image)})
                     for d in DIRECTIONS}
             meta["serving_bias"] = all(b is not None for b in bias.values())
             if meta["serving_bias"]:

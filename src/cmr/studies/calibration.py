@@ -45,7 +45,7 @@ from cmr.embeddings import SplitEmbeddings
 from cmr.io import atomic_path, write_text
 from cmr.losses import build_loss
 from cmr.models import build_two_tower
-from cmr.retrieval.calibrate import TRANSDUCTIVE_SUFFIX, calibrate, select_calibration
+from cmr.retrieval.calibrate import TRANSDUCTIVE_SUFFIX, calibrate, expected_texts_per_image, select_calibration
 from cmr.retrieval.evaluation import both_directions, positives_t2i
 from cmr.stages._common import log, resolve_device
 from cmr.stages.calibrate import DIRECTIONS, _bank, _gallery, _queries
@@ -100,20 +100,6 @@ def temperature_grid(name: str, temperature: float, multiples=TEMPERATURE_MULTIP
     return {spec.option: [round(1.0 / t, 4) if spec.inverse else t for t in temps]}
 
 
-def expected_texts_per_image(train_image: torch.Tensor, train_text_item: torch.Tensor,
-                             gallery_image: torch.Tensor, k: int = NEIGHBOURS) -> torch.Tensor:
-    """[G] estimated number of texts per gallery image, from training data only.
-
-    train_image [N, D] and gallery_image [G, D] L2-normalised; train_text_item [T] the
-    image of each training text. Each gallery image gets the mean text count of its
-    ``k`` most similar training images: how many queries will ask for an image is a
-    property of the test queries, which the inductive setting must not read.
-    """
-    counts = torch.bincount(train_text_item, minlength=train_image.shape[0]).to(torch.float64)
-    nearest = (gallery_image @ train_image.T).topk(min(k, train_image.shape[0]), dim=1).indices
-    return counts[nearest].mean(dim=1).clamp(min=1.0)
-
-
 def _reset_heads(model, initial_state: dict, seed: int) -> None:
     """The model as built, with heads freshly initialised from ``seed``."""
     model.load_state_dict(initial_state)
@@ -132,7 +118,8 @@ def _embed(model, fs: FeatureSet, device: str) -> SplitEmbeddings:
 def _fixed_options(spec: Spec, direction: str, split: SplitEmbeddings, train: SplitEmbeddings) -> dict:
     """Options that are not chosen but follow from the data: Sinkhorn's estimated text->image marginal."""
     if spec.estimated_marginal and direction == "t2i":
-        return {"gallery_weights": expected_texts_per_image(train.image, train.text_item, split.image)}
+        return {"gallery_weights": expected_texts_per_image(train.image, train.text_item, split.image,
+                                                              NEIGHBOURS)}
     return {}
 
 
