@@ -14,7 +14,8 @@ from cmr.retrieval.metrics import retrieval_metrics
 from cmr.errors import ConfigError
 from cmr.losses import LossInputs, build_loss
 from cmr.models.feature_heads import FeatureHeads
-from cmr.studies.tbps import SoftLabel, TrickHeads, dedupe_images, fix_temperature, identity_splits
+from cmr.studies.tbps import dedupe_images, identity_splits
+from cmr.training.tricks import SoftLabel, TrickHeads, fix_temperature
 from cmr.training.features import identity_vector
 
 
