@@ -21,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from cmr.retrieval.calibrate import calibrate, sinkhorn_biases
+from cmr.retrieval.calibrate import calibrate
+from cmr.retrieval.sinkhorn import sinkhorn_biases
 
 
 def clustered(n: int, centres: torch.Tensor, spread: float, gen) -> torch.Tensor:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cmr.errors import ConfigError, DataError
-from cmr.retrieval.calibrate import (CALIBRATORS, calibrate, expected_texts_per_image, option_grid, select_calibration,
-                                    sinkhorn_biases)
+from cmr.retrieval.calibrate import CALIBRATORS, calibrate, expected_texts_per_image, option_grid, select_calibration
+from cmr.retrieval.sinkhorn import sinkhorn_biases
 from cmr.retrieval.metrics import positives_instance, retrieval_metrics
 
 
