@@ -188,8 +188,8 @@ def train_towers(model, loss_fn, tokenizer, preprocess_train, encode_val: Callab
     """Fine-tune with at least one tower unlocked; images decoded and augmented each step
     (``workers`` > 0: that many processes decode ahead, see :func:`cmr.training.features.image_batches`).
 
-    ``train_fs`` supplies text_item/labels/identity of the train split (its feature
-    tensors are unused); ``encode_val`` returns validation *head* embeddings as a FeatureSet.
+    ``train_fs`` supplies text_item/labels/identity of the train split (its feature tensors
+    are unused: :func:`cmr.training.fit.split_pairs`); ``encode_val`` returns validation *head* embeddings as a FeatureSet.
     """
     gen = seed_everything(seed)
     model.to(device)

@@ -18,7 +18,7 @@ from cmr.losses import LOSSES, build_loss
 from cmr.models import build_two_tower, load_two_tower, save_two_tower
 from cmr.training.engine import TrainResult, train_heads, train_towers
 from cmr.training.features import (FeatureSet, cache_key, cached_backbone_features, compute_backbone_features,
-                                   identity_vector, label_matrix)
+                                   identity_vector, label_matrix, texts_of)
 
 TRAINING_FILE = "training.json"
 
@@ -53,6 +53,15 @@ def split_features(bundle, prepared: Prepared, split: str, bid: str, device: str
     return FeatureSet(img, txt, owner, label_matrix(items, prepared.label_set), identity_vector(items))
 
 
+def split_pairs(prepared: Prepared, split: str) -> FeatureSet:
+    """Who-belongs-to-what of one split (text_item, labels, identity) without backbone features:
+    what tower training needs, since it encodes every batch afresh (features are [N, 0] / [T, 0])."""
+    items = by_split(prepared.items, split)
+    _, text_item = texts_of(items)
+    return FeatureSet(torch.empty(len(items), 0), torch.empty(len(text_item), 0), text_item,
+                      label_matrix(items, prepared.label_set), identity_vector(items))
+
+
 def num_classes_for(prepared: Prepared, losses: dict) -> int:
     """Classes a class-wise loss sees: the label set, or the train identities for person search."""
     needs_identity = any("identity" in getattr(LOSSES.get(name), "requires", frozenset()) for name in losses)
@@ -80,12 +89,11 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
     if lock_text:
         model.lock_text_tower()
     loss_fn = build_loss(losses, loss_options, model.embed_dim, num_classes_for(prepared, losses))
-    train_fs = split_features(bundle, prepared, "train", bid, device, cache_dir, workers)
-    val_fs = split_features(bundle, prepared, "val", bid, device, cache_dir, workers)
     common = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                   select_metric=select_metric, seed=seed, device=device, level=level, ks=ks, log=log)
     if lock_image and lock_text:
-        result = train_heads(model, loss_fn, train_fs, val_fs, **common)
+        features = {s: split_features(bundle, prepared, s, bid, device, cache_dir, workers) for s in ("train", "val")}
+        result = train_heads(model, loss_fn, features["train"], features["val"], **common)
     else:
         def encode_val() -> FeatureSet:
             fresh = split_features(bundle, prepared, "val", f"live:{id(model)}", device, None, workers)
@@ -96,7 +104,8 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
                                   fresh.text_item, fresh.labels, fresh.identity)
 
         result = train_towers(model, loss_fn, bundle.tokenizer, bundle.preprocess_train, encode_val,
-                              by_split(prepared.items, "train"), prepared.root, train_fs, amp=amp,
+                              by_split(prepared.items, "train"), prepared.root, split_pairs(prepared, "train"),
+                              amp=amp,
                               backbone_lr=backbone_lr, freeze_bn_stats=freeze_bn_stats, workers=workers,
                               **common)
     tuned = (not lock_image or not lock_text) or bid.startswith("tuned:")
