@@ -160,8 +160,12 @@ DEFAULT_GRIDS: dict[str, dict[str, list]] = {
 }
 
 
+#: training neighbours whose text counts estimate a gallery image's (fixed, not tuned)
+MARGINAL_NEIGHBOURS = 5
+
+
 def expected_texts_per_image(train_image: torch.Tensor, train_text_item: torch.Tensor,
-                             gallery_image: torch.Tensor, k: int = 5) -> torch.Tensor:
+                             gallery_image: torch.Tensor, k: int = MARGINAL_NEIGHBOURS) -> torch.Tensor:
     """[G] estimated number of texts per gallery image, from training data only.
 
     train_image [N, D] and gallery_image [G, D] L2-normalised; train_text_item [T] the

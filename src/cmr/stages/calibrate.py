@@ -33,7 +33,8 @@ import torch
 from cmr.config import Params
 from cmr.embeddings import SplitEmbeddings, load_gallery, load_split
 from cmr.io import atomic_path, write_json
-from cmr.retrieval.calibrate import Selection, calibrate, expected_texts_per_image, select_calibration
+from cmr.retrieval.calibrate import (MARGINAL_NEIGHBOURS, Selection, calibrate, expected_texts_per_image,
+                                     select_calibration)
 from cmr.retrieval.evaluation import positives_t2i
 from cmr.stages._common import log, stage_main
 
@@ -65,16 +66,18 @@ def _gallery(split: SplitEmbeddings, direction: str) -> torch.Tensor:
     return split.image if direction == "t2i" else split.text
 
 
-def data_options(method: str, direction: str, train: SplitEmbeddings, gallery_images: torch.Tensor) -> dict:
-    """Options that follow from the data, per gallery: Sinkhorn's text->image marginal."""
-    if method == "sinkhorn" and direction == "t2i":
+def data_options(method: str, direction: str, train: SplitEmbeddings, gallery_images: torch.Tensor,
+                 estimate_marginal: bool = True) -> dict:
+    """Options that follow from the data, per gallery: Sinkhorn's text->image marginal
+    (``estimate_marginal=False`` keeps it uniform, the variant the calibration study compares)."""
+    if estimate_marginal and method == "sinkhorn" and direction == "t2i":
         return {"gallery_weights": expected_texts_per_image(train.image, train.text_item, gallery_images)}
     return {}
 
 
 def choose_on_validation(method: str, options: dict, val: SplitEmbeddings, bank_split: SplitEmbeddings | None,
                          train: SplitEmbeddings, max_bank: int, seed: int, level: str,
-                         ks: Sequence[int]) -> dict[str, Selection]:
+                         ks: Sequence[int], estimate_marginal: bool = True) -> dict[str, Selection]:
     """Per direction, the calibration chosen on validation (``bank_split`` None: transductive)."""
     pos = positives_t2i(val.text_item, val.image.shape[0], level, val.labels, val.identity)
     chosen = {}
@@ -84,8 +87,31 @@ def choose_on_validation(method: str, options: dict, val: SplitEmbeddings, bank_
         bank = None if bank_split is None else _bank(_queries(bank_split, direction), max_bank, seed) @ gallery.T
         chosen[direction] = select_calibration(method, scores, bank, positives, options, tuple(ks),
                                                transductive=bank_split is None,
-                                               fixed=data_options(method, direction, train, val.image))
+                                               fixed=data_options(method, direction, train, val.image,
+                                                                  estimate_marginal))
     return chosen
+
+
+def calibrate_test(method: str, options: dict, val: SplitEmbeddings, test: SplitEmbeddings, train: SplitEmbeddings,
+                   bank_split: SplitEmbeddings, transductive: bool, max_bank: int, seed: int, level: str,
+                   ks: Sequence[int], estimate_marginal: bool = True):
+    """Choose per direction on validation, then calibrate the test split with the choice.
+
+    Returns (chosen {direction: Selection}, calibrated {direction: [Q, G] scores}, metric suffix).
+    Inductive: the selection bank is ``train``, the test bank ``bank_split``; transductive:
+    each split's queries are their own bank.
+    """
+    chosen = choose_on_validation(method, options, val, None if transductive else train, train, max_bank, seed,
+                                  level, ks, estimate_marginal)
+    calibrated, suffix = {}, ""
+    for d in DIRECTIONS:
+        gallery = _gallery(test, d)
+        scores = _queries(test, d) @ gallery.T
+        bank = None if transductive else _bank(_queries(bank_split, d), max_bank, seed) @ gallery.T
+        calibrated[d], s = calibrate(chosen[d].method, scores, bank, transductive=transductive, **chosen[d].options,
+                                     **data_options(chosen[d].method, d, train, test.image, estimate_marginal))
+        suffix = suffix or s
+    return chosen, calibrated, suffix
 
 
 def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_bank: int, seed: int,
@@ -98,19 +124,11 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
     # transductive one from the validation queries themselves.
     bank_split = load_split(f"{embeddings_dir}/{query_bank}.npz")
     train = bank_split if query_bank == "train" else load_split(f"{embeddings_dir}/train.npz")
-    chosen = choose_on_validation(method, options, val, None if transductive else train, train, max_bank, seed,
-                                  level, ks)
+    chosen, calibrated, suffix = calibrate_test(method, options, val, test, train, bank_split, transductive,
+                                                max_bank, seed, level, ks)
     banks = {d: _bank(_queries(bank_split, d), max_bank, seed) for d in DIRECTIONS}
-    calibrated, suffix = {}, ""
-    for d in DIRECTIONS:
-        gallery = _gallery(test, d)
-        scores = _queries(test, d) @ gallery.T
-        bank = None if transductive else banks[d] @ gallery.T
-        calibrated[d], s = calibrate(chosen[d].method, scores, bank, transductive=transductive, **chosen[d].options,
-                                     **data_options(chosen[d].method, d, train, test.image))
-        suffix = suffix or s
     meta = {"method": method, "options": options, "query_bank": query_bank, "suffix": suffix,
-            "t2i_gallery_marginal": "texts per image estimated from the 5 nearest training images"
+            "t2i_gallery_marginal": f"texts per image estimated from the {MARGINAL_NEIGHBOURS} nearest training images"
             if method == "sinkhorn" else None,
             "bank_sizes": {d: int(banks[d].shape[0]) for d in DIRECTIONS},
             "selection": {"on": "val", "bank": "val (transductive)" if transductive else "train",

@@ -18,7 +18,7 @@ own bank.
 Sinkhorn's gallery marginal. Text->image: an image should attract query mass in
 proportion to the number of texts that will ask for it. The test images' text counts
 are test labels, so they are *estimated* from training data
-(:func:`expected_texts_per_image`: the mean text count of the nearest training
+(:func:`cmr.retrieval.calibrate.expected_texts_per_image`: the mean text count of the nearest training
 images). Image->text: each text has one image, so the marginal stays uniform.
 ``sinkhorn_uniform`` keeps the uniform marginal in both directions, for comparison.
 
@@ -45,10 +45,10 @@ from cmr.embeddings import SplitEmbeddings
 from cmr.io import atomic_path, write_text
 from cmr.losses import build_loss
 from cmr.models import build_two_tower
-from cmr.retrieval.calibrate import TRANSDUCTIVE_SUFFIX, calibrate, expected_texts_per_image, select_calibration
+from cmr.retrieval.calibrate import MARGINAL_NEIGHBOURS, TRANSDUCTIVE_SUFFIX
 from cmr.retrieval.evaluation import both_directions, positives_t2i
 from cmr.stages._common import log, resolve_device
-from cmr.stages.calibrate import DIRECTIONS, _bank, _gallery, _queries
+from cmr.stages.calibrate import DIRECTIONS, calibrate_test
 from cmr.studies import STUDIES, output_dir
 from cmr.training.engine import head_embeddings, train_heads
 from cmr.training.features import FeatureSet
@@ -63,8 +63,6 @@ KS = (1, 5, 10)
 #: every calibrator (Sinkhorn epsilon, DSL temperature, QB-Norm / inverted-softmax 1/beta).
 TEMPERATURE_MULTIPLES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
 QUICK_MULTIPLES = (0.5, 1.0, 2.0)
-#: Neighbours averaged by :func:`expected_texts_per_image` (fixed, not tuned).
-NEIGHBOURS = 5
 
 
 @dataclass(frozen=True)
@@ -115,32 +113,6 @@ def _embed(model, fs: FeatureSet, device: str) -> SplitEmbeddings:
     return SplitEmbeddings(image, text, fs.text_item, [], [], fs.labels, fs.identity)
 
 
-def _fixed_options(spec: Spec, direction: str, split: SplitEmbeddings, train: SplitEmbeddings) -> dict:
-    """Options that are not chosen but follow from the data: Sinkhorn's estimated text->image marginal."""
-    if spec.estimated_marginal and direction == "t2i":
-        return {"gallery_weights": expected_texts_per_image(train.image, train.text_item, split.image,
-                                                              NEIGHBOURS)}
-    return {}
-
-
-def choose(name: str, grid: dict, val: SplitEmbeddings, train: SplitEmbeddings, transductive: bool,
-           max_bank: int, seed: int, level: str) -> dict[str, dict]:
-    """Per direction, {"method", "options"} chosen on validation (``none`` always a candidate)."""
-    spec = SPECS[name]
-    pos = positives_t2i(val.text_item, val.image.shape[0], level, val.labels, val.identity)
-    chosen = {}
-    for direction, positives in zip(DIRECTIONS, (pos, pos.T)):
-        gallery = _gallery(val, direction)
-        scores = _queries(val, direction) @ gallery.T
-        bank = None if transductive else _bank(_queries(train, direction), max_bank, seed) @ gallery.T
-        fixed = _fixed_options(spec, direction, val, train)
-        picked = select_calibration(spec.method, scores, bank, positives, {**grid, **fixed}, KS,
-                                    transductive=transductive and spec.method != "none")
-        chosen[direction] = {"method": picked.method,
-                             "options": {k: v for k, v in picked.options.items() if k not in fixed}}
-    return chosen
-
-
 def evaluate_calibrators(emb: dict[str, SplitEmbeddings], temperature: float, multiples, level: str,
                          max_bank: int, seed: int) -> dict[tuple[str, str], dict]:
     """(setting, calibrator) -> {"metrics": test metrics, "chosen": per-direction choice made on validation}.
@@ -155,19 +127,10 @@ def evaluate_calibrators(emb: dict[str, SplitEmbeddings], temperature: float, mu
             if transductive and name == "none":
                 continue
             spec = SPECS[name]
-            chosen = choose(name, temperature_grid(name, temperature, multiples), emb["val"], train, transductive,
-                            max_bank, seed, level)
-            calibrated = {}
-            for d in DIRECTIONS:
-                c = chosen[d]
-                gallery = _gallery(test, d)
-                scores = _queries(test, d) @ gallery.T
-                if c["method"] == "none":
-                    calibrated[d] = scores
-                    continue
-                bank = None if transductive else _bank(_queries(train, d), max_bank, seed) @ gallery.T
-                calibrated[d], _ = calibrate(c["method"], scores, bank, transductive=transductive,
-                                             **c["options"], **_fixed_options(spec, d, test, train))
+            picked, calibrated, _ = calibrate_test(spec.method, temperature_grid(name, temperature, multiples),
+                                                   emb["val"], test, train, train, transductive, max_bank, seed,
+                                                   level, KS, estimate_marginal=spec.estimated_marginal)
+            chosen = {d: {"method": c.method, "options": c.options} for d, c in picked.items()}
             # every metric of the setting carries its label, also where validation kept 'none'
             metrics = both_directions(calibrated["t2i"].float(), calibrated["i2t"].float(), pos, KS,
                                       suffix=TRANSDUCTIVE_SUFFIX if transductive else "")
@@ -338,7 +301,7 @@ def run(p: Params, quick: bool = False, out_dir: str | Path | None = None) -> di
     run_id = log_study(uri=p.tracking.uri, experiment=p.tracking.experiment, study="calibration", cells=cells,
                        artifacts=[out / "table.csv", out / "table.md", out / "r_at_1.png"],
                        params={"quick": quick, "seeds": list(seeds), "epochs": epochs,
-                               "temperature_multiples": list(multiples), "neighbours": NEIGHBOURS,
+                               "temperature_multiples": list(multiples), "neighbours": MARGINAL_NEIGHBOURS,
                                "wall_s": round(wall, 1)}, tags=versions)
     log(f"study calibration: {len(cells)} cells in {wall:.0f} s -> {out} (MLflow run {run_id})")
     return {"rows": rows, "run_id": run_id, "out_dir": str(out), "wall_s": wall, "cells": len(cells)}
