@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from cmr.studies import STUDIES
-from cmr.studies.wikipedia import (grid, mean_std, save_plot, study_out, train_objective,
-                                   wikipedia_splits, write_table)
+from cmr.studies import STUDIES, output_dir
+from cmr.studies._common import save_figure, write_table
+from cmr.studies.wikipedia import grid, mean_std, train_objective, wikipedia_splits
 from cmr.training.features import FeatureSet
 
 PERCENTS = (100, 70, 50, 30, 10)
@@ -135,8 +135,9 @@ def run_imbalance(p, quick: bool = False) -> dict:
                     m, s = mean_std(tests)
                     curves.setdefault((dname, oname, side), []).append((pct, m, s))
                     rows.append([dname, oname, f"{side} kept {pct}%", m, s])
-    out = study_out("clip4cmr_imbalance", quick)
-    files = write_table(out, "table", ["dataset", "objective", "setting", "test mAP (avg of I2T, T2I)", "std"], rows,
+    out = output_dir("clip4cmr_imbalance", quick)
+    header = ["dataset", "objective", "setting", "test mAP (avg of I2T, T2I)", "std"]
+    files = write_table(out, [dict(zip(header, r)) for r in rows], header,
                         f"Modality imbalance: class-level test mAP, {len(seeds)} seed(s)")
     dnames = sorted({k[0] for k in curves})
     fig, axes = plt.subplots(1, len(dnames), figsize=(5 * len(dnames), 4), squeeze=False)
@@ -148,7 +149,7 @@ def run_imbalance(p, quick: bool = False) -> dict:
         ax.set(title=dname, xlabel="% of one modality's train items kept", ylabel="test mAP")
         ax.invert_xaxis()
         ax.legend(fontsize=8)
-    files.append(save_plot(fig, out / "plot.png"))
+    files.append(save_figure(fig, out / "plot.png"))
     plt.close(fig)
     seconds = time.perf_counter() - t0
     run_id = _mlflow(p, "clip4cmr_imbalance", cells, files, tags, seconds, quick)
@@ -181,9 +182,10 @@ def run_sensitivity(p, quick: bool = False) -> dict:
                 rows.append([dname, knob, value, val["avg"], test["avg"], "yes" if value == center[knob] else ""])
             curves[(dname, knob)] = pts
             spread[f"{dname}/{knob}"] = max(q[2] for q in pts) - min(q[2] for q in pts)
-    out = study_out("clip4cmr_sensitivity", quick)
-    files = write_table(out, "table", ["dataset", "hyper-parameter", "value", "val mAP", "test mAP", "chosen on val"],
-                        rows, f"Sensitivity of {oname}: one-at-a-time sweeps around the validation-chosen setting")
+    out = output_dir("clip4cmr_sensitivity", quick)
+    header = ["dataset", "hyper-parameter", "value", "val mAP", "test mAP", "chosen on val"]
+    files = write_table(out, [dict(zip(header, r)) for r in rows], header,
+                        f"Sensitivity of {oname}: one-at-a-time sweeps around the validation-chosen setting")
     dnames = sorted({k[0] for k in curves})
     fig, axes = plt.subplots(len(dnames), len(sweeps), figsize=(3.2 * len(sweeps), 3 * len(dnames)), squeeze=False)
     for r, dname in enumerate(dnames):
@@ -196,7 +198,7 @@ def run_sensitivity(p, quick: bool = False) -> dict:
             ax.set(title=f"{dname}: {knob}", ylabel="mAP")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    files.append(save_plot(fig, out / "plot.png"))
+    files.append(save_figure(fig, out / "plot.png"))
     plt.close(fig)
     seconds = time.perf_counter() - t0
     run_id = _mlflow(p, "clip4cmr_sensitivity", cells, files, tags, seconds, quick)

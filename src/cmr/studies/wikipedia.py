@@ -18,8 +18,6 @@ The features' folder is ``$CMR_WIKIPEDIA`` or ``../shared/datasets/wikipedia_cmr
 """
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import os
 import statistics
@@ -31,12 +29,12 @@ from torch import nn
 
 from cmr.data.prepare import Prepared, prepare_dataset
 from cmr.errors import ConfigError
-from cmr.io import write_text
 from cmr.losses import CombinedLoss, build_loss
 from cmr.models.feature_heads import (FeatureHeads, PosteriorHeads, WithUnpaired, class_logits, feature_heads_for,
                                       features_of, hellinger, knn_label_votes)
 from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.studies import STUDIES, output_dir
+from cmr.studies._common import save_figure, write_table
 from cmr.training.engine import head_embeddings, train_heads
 from cmr.training.features import FeatureSet, label_matrix
 
@@ -176,30 +174,6 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def write_table(out: Path, name: str, header: list[str], rows: list[list], title: str) -> list[Path]:
-    """``name``.csv and ``name``.md (atomically); returns both paths."""
-    buf = io.StringIO()
-    csv.writer(buf).writerows([header, *rows])
-    write_text(out / f"{name}.csv", buf.getvalue())
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
-    md = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-    write_text(out / f"{name}.md", "\n".join(md) + "\n")
-    return [out / f"{name}.csv", out / f"{name}.md"]
-
-
-def study_out(name: str, quick: bool) -> Path:
-    return output_dir(name, quick)
-
-
-def save_plot(fig, path: Path) -> Path:
-    from cmr.io import atomic_path
-
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    return path
-
-
 @STUDIES.register("wikipedia")
 def run(p, quick: bool = False) -> dict:
     """Select each objective's setting on validation, then 5 seeds on test; table + plot + MLflow."""
@@ -247,9 +221,9 @@ def run(p, quick: bool = False) -> dict:
         rows.append([name, setting, best_val] + [f"{m:.4f} ± {s:.4f}" for m, s in (stats[k] for k in ("i2t", "t2i", "avg"))])
     for ref, (i2t, t2i) in PUBLISHED.items():
         rows.append([f"{ref} (published)", "-", "-", f"{i2t:.4f}", f"{t2i:.4f}", f"{(i2t + t2i) / 2:.4f}"])
-    out = study_out("wikipedia", quick)
+    out = output_dir("wikipedia", quick)
     header = ["objective", "setting chosen on val", "val mAP", "I2T mAP", "T2I mAP", "average mAP"]
-    files = write_table(out, "table", header, rows,
+    files = write_table(out, [dict(zip(header, r)) for r in rows], header,
                         f"Wikipedia CMR, class-level mAP on the 693 test items, {len(seeds)} seeds (mean ± std)")
     fig, ax = plt.subplots(figsize=(8, 4))
     order = sorted(summary, key=lambda n: summary[n]["avg"][0])
@@ -258,7 +232,7 @@ def run(p, quick: bool = False) -> dict:
         ax.axvline((i2t + t2i) / 2, ls="--", color="grey")
         ax.text((i2t + t2i) / 2, len(order) - 0.5, ref, rotation=90, va="top", fontsize=8)
     ax.set_xlabel("average class-level mAP (test)")
-    files.append(save_plot(fig, out / "plot.png"))
+    files.append(save_figure(fig, out / "plot.png"))
     plt.close(fig)
     seconds = time.perf_counter() - t0
     run_id = log_study(uri=p.tracking.uri, experiment=p.tracking.experiment, study="wikipedia", cells=cells,
