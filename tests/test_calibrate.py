@@ -382,6 +382,7 @@ def test_select_calibration_passes_fixed_data_options_to_the_calibrator_only():
     from cmr.retrieval.metrics import retrieval_metrics
 
     score = lambda s: 100.0 * sum(retrieval_metrics(s, positives, ks=(1, 5, 10))[f"R@{k}"] for k in (1, 5, 10))
+    assert score(weighted) != pytest.approx(score(plain))  # the weights matter here, so ignoring them would show
     assert sel.candidates[1]["score"] == pytest.approx(score(weighted))
     assert uniform.candidates[1]["score"] == pytest.approx(score(plain))
     assert sel.candidates[0]["score"] == uniform.candidates[0]["score"]  # 'none' got no gallery_weights
