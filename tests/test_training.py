@@ -116,3 +116,7 @@ def test_optimizer_gives_unlocked_towers_their_own_learning_rate():
     assert all(lr_of[id(p)] == 1e-3 for p in list(model.image_head.parameters()) + list(loss.parameters()))
     assert lr_of[id(model.logit_scale)] == 1e-3 and decay_of[id(model.logit_scale)] == 0.0
     assert all(decay_of[id(p)] == (0.1 if p.ndim >= 2 else 0.0) for p in trainable)
+    # backbone_lr null: one learning rate for everything (also what heads on cached features get)
+    same = _optimizer(model, loss, lr=1e-3, weight_decay=0.1)
+    assert {g["lr"] for g in same.param_groups} == {1e-3}
+    assert sum(len(g["params"]) for g in same.param_groups) == len(trainable)

@@ -76,13 +76,6 @@ class FeatureHeads(nn.Module):
         self.proj_text = build_head(head, text_dim, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_scale)
 
-    def image_tower_parameters(self) -> list[nn.Parameter]:
-        """None: the features are precomputed (the trainer asks, to give towers their own learning rate)."""
-        return []
-
-    def text_tower_parameters(self) -> list[nn.Parameter]:
-        return []
-
     def head_image(self, x: Tensor) -> Tensor:
         return F.normalize(self.proj_image(self.norm_image(x)), dim=-1)
 

@@ -66,8 +66,10 @@ def validate(model, fs: FeatureSet, device: str, level: str, ks: Sequence[int]) 
 
 
 def _optimizer(model, loss_fn, lr, weight_decay, backbone_lr: float | None = None):
-    """AdamW; tower parameters get ``backbone_lr`` (default ``lr``), heads and losses ``lr``."""
-    tower = {id(p) for p in model.image_tower_parameters() + model.text_tower_parameters()}
+    """AdamW; with ``backbone_lr``, tower parameters (a :class:`TwoTower`'s) get it and heads and
+    losses ``lr``; without, everything trainable gets ``lr`` (heads on cached features)."""
+    tower = (set() if backbone_lr is None
+             else {id(p) for p in model.image_tower_parameters() + model.text_tower_parameters()})
     groups = []
     for params, group_lr in (
         ([p for p in model.parameters() if id(p) in tower], backbone_lr or lr),

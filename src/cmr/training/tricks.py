@@ -44,12 +44,6 @@ class TrickHeads(nn.Module):
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
 
-    def image_tower_parameters(self) -> list[nn.Parameter]:
-        return self.model.image_tower_parameters()
-
-    def text_tower_parameters(self) -> list[nn.Parameter]:
-        return self.model.text_tower_parameters()
-
     def _run(self, side: str, head, feats: Tensor, drop) -> Tensor:
         if self.training and self.keep_teacher:
             with torch.no_grad():
