@@ -148,7 +148,8 @@ def train_row(base_model: nn.Module, losses: dict, tricks: dict, train_fs: Featu
               device: str) -> tuple[nn.Module, object]:
     """Train a copy of ``base_model``'s heads with ``losses`` and ``tricks`` ({setting: value} of
     :data:`TRICKS`); the epoch is chosen on ``val_fs`` (val/rsum). Returns (heads, TrainResult)."""
-    model = copy.deepcopy(base_model)
+    # a fresh copy of what training can change; the locked towers' tensors are shared, not copied
+    model = copy.deepcopy(base_model, memo={id(t): t for t in base_model.parameters() if not t.requires_grad})
     if "temperature" in tricks:
         fix_temperature(model, tricks["temperature"])
     soft = tricks.get("softlabel_ratio")
