@@ -311,18 +311,28 @@ def _hub_split(gen, centres, common, n_items, texts_per_item):
                            [f"t{t}" for t in range(len(text_item))], None, None)
 
 
-def test_stage_records_the_choice_made_on_validation_and_applies_it_to_test(tmp_path):
+def _saved_hub_splits(folder, seed: int, sizes: tuple[int, int, int]) -> dict:
+    """Hub-case train/val/test embeddings saved as the encode stage does: 1-2 texts per train and val
+    image, one per test image."""
     from cmr.embeddings import save_split
+
+    gen = torch.Generator().manual_seed(seed)
+    common = torch.randn(32, generator=gen)
+    n_train, n_val, n_test = sizes
+    splits = {}
+    for split, n, per in (("train", n_train, torch.tensor([1, 2]).repeat(n_train // 2)),
+                          ("val", n_val, torch.tensor([2, 1]).repeat(n_val // 2)),
+                          ("test", n_test, torch.ones(n_test, dtype=torch.long))):
+        splits[split] = _hub_split(gen, 32, common, n, per)
+        save_split(folder / f"{split}.npz", splits[split])
+    return splits
+
+
+def test_stage_records_the_choice_made_on_validation_and_applies_it_to_test(tmp_path):
     from cmr.io import read_json
     from cmr.stages.calibrate import run
 
-    gen = torch.Generator().manual_seed(0)
-    common = torch.randn(32, generator=gen)
-    splits = {}
-    for split, n, per in (("train", 150, torch.tensor([1, 2]).repeat(75)), ("val", 80, torch.tensor([2, 1]).repeat(40)),
-                          ("test", 80, torch.ones(80, dtype=torch.long))):
-        splits[split] = _hub_split(gen, 32, common, n, per)
-        save_split(tmp_path / f"{split}.npz", splits[split])
+    splits = _saved_hub_splits(tmp_path, seed=0, sizes=(150, 80, 80))
     meta = run(str(tmp_path), "sinkhorn", {"epsilon": [0.05, 1.0]}, "train", 5000, 0, "instance", (1, 5, 10),
                str(tmp_path / "cal"))
     saved = read_json(tmp_path / "cal" / "calibration.json")
@@ -386,3 +396,105 @@ def test_select_calibration_passes_fixed_data_options_to_the_calibrator_only():
     assert sel.candidates[1]["score"] == pytest.approx(score(weighted))
     assert uniform.candidates[1]["score"] == pytest.approx(score(plain))
     assert sel.candidates[0]["score"] == uniform.candidates[0]["score"]  # 'none' got no gallery_weights
+
+
+# ---------------------------------------------------------------- target bank (dual-bank Sinkhorn)
+
+@pytest.mark.parametrize("weights", [None, "counts"])
+def test_target_bank_is_sinkhorn_over_both_galleries_keeping_the_test_columns(weights):
+    """The bank's own gallery joins the transport problem as extra columns (loop reference);
+    only the test gallery's biases reach the scores."""
+    B, G, G2 = 14, 6, 9
+    bank, own = cosine_scores(B, G, seed=5).double(), cosine_scores(B, G2, seed=6).double()
+    w_test = torch.arange(1, G + 1, dtype=torch.float64) if weights else None
+    w_own = torch.arange(G2, 0, -1, dtype=torch.float64) if weights else None
+    mass = (torch.cat([w_test, w_own]) if weights else torch.ones(G + G2, dtype=torch.float64))
+    ref = naive_sinkhorn_gallery_bias(torch.cat([bank, own], 1).tolist(), 0.1, (mass / mass.sum()).tolist())
+    scores = cosine_scores(5, G, seed=7).double()
+    out, _ = calibrate("sinkhorn", scores, bank, epsilon=0.1, max_iter=20000, stop_thr=1e-10,
+                       gallery_weights=w_test, bank_gallery=own, bank_gallery_weights=w_own)
+    bias = (out - scores)[0].numpy()
+    assert torch.allclose(out - scores, (out - scores)[:1].expand_as(out))  # one additive bias per test item
+    # potentials are defined up to one constant shared by all G + G2 columns: compare differences
+    np.testing.assert_allclose(bias - bias[0], ref[:G] - ref[0], atol=1e-8)
+    plain, _ = calibrate("sinkhorn", scores, bank, epsilon=0.1, max_iter=20000, stop_thr=1e-10, gallery_weights=w_test)
+    assert not np.allclose((plain - scores)[0].numpy() - (plain - scores)[0, 0].item(), bias - bias[0], atol=1e-3)
+
+
+def test_target_bank_with_vanishing_mass_is_plain_sinkhorn():
+    B, G = 20, 8
+    bank, own, scores = cosine_scores(B, G, seed=1).double(), cosine_scores(B, 5, seed=2).double(), \
+        cosine_scores(4, G, seed=3).double()
+    plain, _ = calibrate("sinkhorn", scores, bank, epsilon=0.1, max_iter=50000, stop_thr=1e-12)
+    dual, _ = calibrate("sinkhorn", scores, bank, epsilon=0.1, max_iter=50000, stop_thr=1e-12, bank_gallery=own,
+                        bank_gallery_weights=torch.full((5,), 1e-9, dtype=torch.float64))
+    d_plain, d_dual = (plain - scores)[0], (dual - scores)[0]
+    np.testing.assert_allclose((d_dual - d_dual[0]).numpy(), (d_plain - d_plain[0]).numpy(), atol=1e-5)
+
+
+def test_target_bank_rejects_mismatched_shapes():
+    scores, bank = cosine_scores(3, 5, seed=1), cosine_scores(6, 5, seed=2)
+    with pytest.raises(DataError, match="bank_gallery"):
+        calibrate("sinkhorn", scores, bank, bank_gallery=cosine_scores(4, 3, seed=3))
+    with pytest.raises(DataError, match="bank_gallery_weights"):
+        calibrate("sinkhorn", scores, bank, bank_gallery=cosine_scores(6, 3, seed=3),
+                  bank_gallery_weights=torch.ones(4))
+    with pytest.raises(ConfigError, match="without bank_gallery"):
+        calibrate("sinkhorn", scores, bank, bank_gallery_weights=torch.ones(3))
+
+
+def test_bank_own_gallery_is_the_bank_queries_partners_weighted_by_bank_counts():
+    from cmr.retrieval.calibrate import bank_own_gallery
+
+    text_item = torch.tensor([0, 0, 1, 2, 2, 2, 3])  # image 0 has 2 texts, image 2 has 3
+    rows, w = bank_own_gallery("t2i", torch.tensor([0, 1, 3, 5]), text_item)
+    assert rows.tolist() == [0, 2] and w.tolist() == [2.0, 2.0]  # only the bank's own texts count
+    rows, w = bank_own_gallery("i2t", torch.tensor([2, 3]), text_item)  # bank images 2 and 3: all their texts
+    assert rows.tolist() == [3, 4, 5, 6] and w.tolist() == [1.0] * 4
+    with pytest.raises(ConfigError, match="direction"):
+        bank_own_gallery("x2y", torch.tensor([0]), text_item)
+
+
+def test_stage_target_bank_scales_the_estimated_marginal_by_the_bank_fraction():
+    """A bank of 3 of 6 training texts: each own image is asked for by its bank texts, and an
+    estimated test image by (texts per image) x 1/2 bank-like queries: one scale for both."""
+    from cmr.embeddings import SplitEmbeddings
+    from cmr.stages.calibrate import Bank, data_options
+
+    gen = torch.Generator().manual_seed(0)
+    norm = torch.nn.functional.normalize
+    train = SplitEmbeddings(norm(torch.randn(3, 8, generator=gen), dim=1), norm(torch.randn(6, 8, generator=gen), dim=1),
+                            torch.tensor([0, 0, 1, 1, 2, 2]), ["a", "b", "c"], [str(i) for i in range(6)], None, None)
+    gallery = norm(torch.randn(4, 8, generator=gen), dim=1)
+    bank = Bank(train, "t2i", torch.tensor([0, 1, 4]))
+    assert bank.fraction == 0.5
+    opts = data_options("sinkhorn", "t2i", train, gallery, True, bank, target_bank=True)
+    assert torch.allclose(opts["gallery_weights"], expected_texts_per_image(train.image, train.text_item, gallery) * 0.5)
+    assert opts["bank_gallery_weights"].tolist() == [2.0, 1.0]  # image 0 twice, image 2 once
+    assert torch.allclose(opts["bank_gallery"], train.text[[0, 1, 4]] @ train.image[[0, 2]].T)
+    assert data_options("sinkhorn", "t2i", train, gallery, True, bank, target_bank=False).keys() == {"gallery_weights"}
+    assert data_options("dsl", "t2i", train, gallery, True, bank, target_bank=True) == {}
+    i2t = data_options("sinkhorn", "i2t", train, train.text, True, Bank(train, "i2t", torch.tensor([1])), True)
+    assert set(i2t) == {"bank_gallery"} and i2t["bank_gallery"].shape == (1, 2)  # image 1's two texts, uniform
+
+
+def test_stage_with_target_bank_calibrates_test_with_the_banks_own_gallery(tmp_path):
+    from cmr.io import read_json
+    from cmr.stages.calibrate import Bank, data_options, run
+
+    splits = _saved_hub_splits(tmp_path, seed=1, sizes=(120, 60, 60))
+    meta = run(str(tmp_path), "sinkhorn", {"epsilon": [0.05, 0.2]}, "train", 5000, 0, "instance", (1, 5, 10),
+               str(tmp_path / "cal"), target_bank=True)
+    assert meta["target_bank"] and read_json(tmp_path / "cal" / "calibration.json")["target_bank"]
+    train, test = splits["train"], splits["test"]
+    with np.load(tmp_path / "cal" / "test_scores.npz") as z:
+        got = z["t2i"]
+    chosen = meta["chosen"]["t2i"]
+    assert chosen["method"] == "sinkhorn"  # the hubs are real: validation calibrates
+    bank = Bank(train, "t2i", torch.arange(train.text.shape[0]))
+    expect, _ = calibrate("sinkhorn", test.text @ test.image.T, train.text @ test.image.T, **chosen["options"],
+                          **data_options("sinkhorn", "t2i", train, test.image, True, bank, target_bank=True))
+    np.testing.assert_allclose(got, expect.numpy(), atol=1e-5)
+    plain = run(str(tmp_path), "sinkhorn", {"epsilon": chosen["options"]["epsilon"]}, "train", 5000, 0, "instance",
+                (1, 5, 10), str(tmp_path / "plain"))
+    assert not plain["target_bank"]

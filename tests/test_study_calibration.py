@@ -50,37 +50,35 @@ def test_quick_study_writes_table_plot_and_one_parent_run(tmp_path, repo_root, s
     out = tmp_path / "study"
     result = run(p, quick=True, out_dir=out)
 
-    for name in ("table.csv", "table.md", "r_at_1.png"):
+    for name in ("table.csv", "table.md", "target.md", "r_at_1.png"):
         assert (out / name).stat().st_size > 0, name
     with open(out / "table.csv") as f:
         rows = list(csv.DictReader(f))
     datasets = {r["dataset"] for r in rows}
     assert datasets == {"openclipart_mini", "gcompris"}
-    # the transductive block has every calibrator but 'none' (which needs no bank)
-    per_loss = len(CALIBRATORS) + len(CALIBRATORS) - 1
+    # the transductive block has every calibrator but 'none' (which needs no bank) and 'sinkhorn_dual'
+    # (the test queries' own gallery is the gallery)
+    per_loss = len(CALIBRATORS) + len(CALIBRATORS) - 2
     assert len(rows) == len(datasets) * len(LOSSES) * per_loss
     assert {r["setting"] for r in rows} == set(SETTINGS)
+    assert {r["calibrator"] for r in rows if r["setting"] == "transductive"} == set(CALIBRATORS) - {"none",
+                                                                                                 "sinkhorn_dual"}
     assert (out / "table.md").read_text().count("\n") == len(rows) + 2
 
     # 'none' is always a candidate, so a calibrator's pick can only be 'none' or its own method.
     for r in rows:
         own = "sinkhorn" if r["calibrator"].startswith("sinkhorn") else r["calibrator"]
-        for part in r["chosen"].split():
-            method = part.split(":")[1].split("(")[0]
-            assert method in ("none", own), r
+        assert r["runs"] == "1"  # --quick: one split, one seed
+        for direction in r["chosen"].split("; "):
+            for pick in direction.split(" ", 1)[1].split(", "):
+                assert pick.split()[0] in ("none", own), r
         if r["calibrator"] == "none":
-            assert r["chosen"] == "t2i:none i2t:none"
+            assert r["chosen"] == "t2i none 1/1; i2t none 1/1"
             assert float(r["Δ t2i/R@1"]) == float(r["Δ i2t/R@1"]) == 0.0
         # the paired difference is the difference of the means (one seed here)
         assert float(r["Δ t2i/R@1"]) == pytest.approx(
             float(r["t2i/R@1"]) - next(float(x["t2i/R@1"]) for x in rows if x["dataset"] == r["dataset"]
                                       and x["loss"] == r["loss"] and x["calibrator"] == "none"), abs=1e-9)
-        # i2t: each text has one image, so both Sinkhorn variants use the same (uniform) marginal
-        if r["calibrator"] == "sinkhorn":
-            twin = next(x for x in rows if x["calibrator"] == "sinkhorn_uniform"
-                        and all(x[k] == r[k] for k in ("dataset", "loss", "setting")))
-            if r["chosen"].split()[1] == twin["chosen"].split()[1]:
-                assert r["i2t/R@1"] == twin["i2t/R@1"]
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["study-test"], output_format="list")
@@ -88,8 +86,61 @@ def test_quick_study_writes_table_plot_and_one_parent_run(tmp_path, repo_root, s
     assert [x.info.run_id for x in parents] == [result["run_id"]]
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == result["run_id"]]
     assert len(children) == result["cells"] == len(rows)  # one seed in --quick
+    # i2t: each text has one image, so both query-bank Sinkhorn variants use the same (uniform)
+    # marginal: the same choice on validation gives the same test R@1
+    by_cell = {(c.data.params["dataset"], c.data.params["loss"], c.data.params["setting"],
+                c.data.params["calibrator"]): c for c in children}
+    for (dataset, loss, setting, cal), c in by_cell.items():
+        if cal == "sinkhorn":
+            twin = by_cell[dataset, loss, setting, "sinkhorn_uniform"]
+            sfx = "_at_transductive" if setting == "transductive" else ""
+            def i2t_choice(run):
+                return {k: v for k, v in run.data.params.items() if k.startswith("chosen/i2t/")}
+
+            assert i2t_choice(c)["chosen/i2t/method"] in ("none", "sinkhorn")
+            if i2t_choice(c) == i2t_choice(twin):
+                assert c.data.metrics[f"i2t/R_at_1{sfx}"] == twin.data.metrics[f"i2t/R_at_1{sfx}"]
     for c in children:
         # "@transductive" in MLflow-safe spelling
         suffix = "_at_transductive" if c.data.params["setting"] == "transductive" else ""
         assert {f"t2i/R_at_1{suffix}", f"i2t/R_at_10{suffix}", f"rsum{suffix}"} <= set(c.data.metrics), c.info.run_name
     assert {"data_version.openclipart_mini", "data_version.gcompris"} <= set(parents[0].data.tags)
+
+
+def test_target_check_pairs_each_sinkhorn_with_every_rival_on_the_same_heads():
+    from cmr.studies.calibration import target_check, target_markdown
+
+    def cell(cal, setting, seed, t2i, i2t):
+        sfx = "@transductive" if setting == "transductive" else ""
+        return {"params": {"dataset": "d", "loss": "infonce", "split_seed": 0, "seed": seed, "setting": setting,
+                           "calibrator": cal}, "metrics": {f"t2i/R@1{sfx}": t2i, f"i2t/R@1{sfx}": i2t}}
+
+    r1 = {  # (calibrator, setting) -> per seed (t2i, i2t) R@1
+        ("none", "inductive"): [(0.10, 0.20), (0.30, 0.20)],
+        ("dsl", "inductive"): [(0.12, 0.25), (0.30, 0.22)],
+        ("qbnorm", "inductive"): [(0.11, 0.21), (0.33, 0.23)],
+        ("sinkhorn", "inductive"): [(0.12, 0.20), (0.31, 0.20)],
+        ("sinkhorn_dual", "inductive"): [(0.13, 0.26), (0.32, 0.24)],
+        ("dsl", "transductive"): [(0.15, 0.20), (0.30, 0.20)],
+        ("qbnorm", "transductive"): [(0.10, 0.20), (0.30, 0.20)],
+        ("sinkhorn", "transductive"): [(0.14, 0.21), (0.31, 0.21)],
+    }
+    cells = [cell(c, s, seed, *v) for (c, s), vals in r1.items() for seed, v in enumerate(vals)]
+    rows = {(r["setting"], r["direction"], r["calibrator"]): r for r in target_check(cells)}
+    assert set(rows) == {("inductive", d, c) for d in ("t2i", "i2t") for c in ("sinkhorn", "sinkhorn_dual")} | {
+        ("transductive", d, "sinkhorn") for d in ("t2i", "i2t")}
+    dual = rows["inductive", "t2i", "sinkhorn_dual"]
+    assert dual["runs"] == 2
+    assert dual["vs dsl"] == pytest.approx(100 * ((0.13 - 0.12) + (0.32 - 0.30)) / 2)
+    assert dual["vs qbnorm"] == pytest.approx(100 * ((0.13 - 0.11) + (0.32 - 0.33)) / 2)
+    assert dual["vs none"] == pytest.approx(100 * ((0.13 - 0.10) + (0.32 - 0.30)) / 2)
+    diffs = [100 * (0.13 - 0.11), 100 * (0.32 - 0.33)]
+    assert dual["vs qbnorm se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)  # stdev / sqrt(2) of two values
+    assert dual["met"]
+    assert not rows["inductive", "i2t", "sinkhorn"]["met"]  # below DSL and QB-Norm
+    # transductive rows are paired with the transductive rivals, and 'none' is the inductive cell
+    tr = rows["transductive", "t2i", "sinkhorn"]
+    assert tr["vs dsl"] == pytest.approx(100 * ((0.14 - 0.15) + (0.31 - 0.30)) / 2)
+    assert tr["vs none"] == pytest.approx(100 * ((0.14 - 0.10) + (0.31 - 0.30)) / 2)
+    text = target_markdown(list(rows.values()))
+    assert text.endswith(f"met in {sum(r['met'] for r in rows.values())} of 6 rows\n")

@@ -108,7 +108,6 @@ def test_optimizer_gives_unlocked_towers_their_own_learning_rate():
     opt = _optimizer(model, loss, lr=1e-3, weight_decay=0.1, backbone_lr=1e-5)
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
-    tower = model.image_tower_parameters() + model.text_tower_parameters()
     trainable = [p for p in list(model.parameters()) + list(loss.parameters()) if p.requires_grad]
     assert set(lr_of) == {id(p) for p in trainable}  # every trainable parameter once, nothing frozen
     assert all(lr_of[id(p)] == 1e-5 for p in model.image_tower_parameters())

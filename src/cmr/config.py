@@ -63,6 +63,8 @@ class CalibrateCfg(Section):
     #: where the query bank comes from; 'test' is the transductive setting and is labelled so
     query_bank: Literal["train", "val", "test"] = "train"
     max_bank: int = Field(5000, ge=1)
+    #: sinkhorn only: add the bank queries' own gallery as extra transport columns (dual bank)
+    target_bank: bool = False
 
 
 class IndexCfg(Section):

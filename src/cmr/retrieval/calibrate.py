@@ -14,6 +14,13 @@ None of these methods assumes one positive per query. What ``sinkhorn`` does ass
 *gallery marginal*: every gallery item should attract the same share of the bank's
 retrieval mass (uniform by default), or the share given by ``gallery_weights`` (e.g. the
 number of captions per image when images are retrieved, or class frequencies).
+
+A bank drawn from training queries has its true matches in the *training* gallery, not in
+the test gallery it is scored against, so plain Sinkhorn forces every bank query to spend
+all its mass on items it does not match. ``sinkhorn``'s ``bank_gallery`` option adds the
+bank's own gallery as extra columns of the transport problem (the "target bank" of Dual
+Bank Sinkhorn Normalization, Pan et al., ACM MM 2025); only the test gallery's biases are
+returned.
 """
 from __future__ import annotations
 
@@ -83,7 +90,8 @@ def no_calibration(scores: torch.Tensor, bank: torch.Tensor | None = None) -> to
 @_calibrator("sinkhorn", needs_bank=True)
 def sinkhorn(scores: torch.Tensor, bank: torch.Tensor, epsilon: float = 0.01, max_iter: int = 1000,
              stop_thr: float = 1e-2, gallery_weights: torch.Tensor | None = None,
-             method: str = "auto", omega: float | None = None) -> torch.Tensor:
+             method: str = "auto", omega: float | None = None, bank_gallery: torch.Tensor | None = None,
+             bank_gallery_weights: torch.Tensor | None = None) -> torch.Tensor:
     """NCL: add each gallery item's Sinkhorn bias, computed on the bank, to the test scores.
 
     Default epsilon 0.01 is CLIP's softmax temperature (logit scale 100): the biases
@@ -92,9 +100,34 @@ def sinkhorn(scores: torch.Tensor, bank: torch.Tensor, epsilon: float = 0.01, ma
     units) of a float64 solve to 1e-6 on clustered 5k x 5k data at epsilon 0.01 and 0.02,
     keeping 97.3 % / 99.96 % of its top-1 choices (benchmarks/README.md); lower stop_thr
     where top-1 stability matters more than time. ``omega``: see :func:`sinkhorn_biases`.
+
+    ``bank_gallery`` [B, G2]: the same bank queries scored against their own gallery (the
+    items they were drawn with), appended as G2 extra columns with marginal
+    ``bank_gallery_weights`` [G2] (ones by default) beside ``gallery_weights`` (ones by
+    default): the two are on one scale, so give both as expected query counts. Only the
+    G test-gallery biases are added to ``scores``.
     """
-    result = sinkhorn_biases(bank, epsilon, max_iter, stop_thr, gallery_weights, method, omega)
-    return scores + result.gallery_bias.to(scores.dtype)[None, :]
+    weights = gallery_weights
+    if bank_gallery is not None:
+        bank_gallery = torch.as_tensor(bank_gallery)
+        if bank_gallery.dim() != 2 or bank_gallery.shape[0] != bank.shape[0]:
+            raise DataError("bank_gallery", f"a [B, G2] matrix over the same {bank.shape[0]} bank queries",
+                            f"got shape {tuple(bank_gallery.shape)}")
+        n_extra = bank_gallery.shape[1]
+        if bank_gallery_weights is not None and tuple(bank_gallery_weights.shape) != (n_extra,):
+            raise DataError("bank_gallery_weights", f"one weight per bank-gallery item ({n_extra})",
+                            f"got shape {tuple(bank_gallery_weights.shape)}")
+        weights = torch.cat([_weights_or_ones(gallery_weights, bank.shape[1]),
+                             _weights_or_ones(bank_gallery_weights, n_extra)])
+        bank = torch.cat([bank, bank_gallery.to(bank.dtype)], dim=1)
+    elif bank_gallery_weights is not None:
+        raise ConfigError("sinkhorn: bank_gallery_weights given without bank_gallery")
+    result = sinkhorn_biases(bank, epsilon, max_iter, stop_thr, weights, method, omega)
+    return scores + result.gallery_bias[: scores.shape[1]].to(scores.dtype)[None, :]
+
+
+def _weights_or_ones(weights: torch.Tensor | None, n: int) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
 
 
 def _bank_log_normaliser(bank: torch.Tensor, inverse_temperature: float) -> torch.Tensor:
@@ -177,6 +210,25 @@ def expected_texts_per_image(train_image: torch.Tensor, train_text_item: torch.T
     counts = torch.bincount(train_text_item, minlength=train_image.shape[0]).to(torch.float64)
     nearest = (gallery_image @ train_image.T).topk(min(k, train_image.shape[0]), dim=1).indices
     return counts[nearest].mean(dim=1).clamp(min=1.0)
+
+
+def bank_own_gallery(direction: str, bank_rows: torch.Tensor, text_item: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bank queries' own gallery: (rows of the bank split's gallery modality, weights).
+
+    ``bank_rows`` index the bank queries in their split (texts for ``t2i``, images for
+    ``i2t``); ``text_item`` [T] is that split's image of each text. t2i: the images that
+    own at least one bank text, each weighted by how many of the bank's texts it owns;
+    i2t: every text of a bank image, weight 1 (a text has one image). The weights count
+    bank queries, the scale of an estimated :func:`expected_texts_per_image`.
+    """
+    if direction == "t2i":
+        rows, counts = torch.unique(text_item[bank_rows], return_counts=True)
+        return rows, counts.to(torch.float64)
+    if direction == "i2t":
+        rows = torch.nonzero(torch.isin(text_item, bank_rows)).flatten()
+        return rows, torch.ones(len(rows), dtype=torch.float64)
+    raise ConfigError(f"unknown direction {direction!r}; use t2i or i2t")
 
 
 def option_grid(name: str, options: dict | None = None) -> list[dict]:

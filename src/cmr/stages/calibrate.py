@@ -21,10 +21,14 @@ Sinkhorn's text->image gallery marginal is not uniform when images have several 
 each gallery image gets the number of texts it is expected to be asked by, estimated
 from its nearest training images (:func:`expected_texts_per_image`), never from the
 test queries. Image->text keeps the uniform marginal (each text has one image).
+With ``calibrate.target_bank`` (Sinkhorn, inductive bank) the bank queries' own gallery
+items join the transport problem as extra columns, so a bank query's mass can go to its
+true match instead of being forced onto a test gallery that does not contain it.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -33,19 +37,37 @@ import torch
 from cmr.config import Params
 from cmr.embeddings import SplitEmbeddings, load_gallery, load_split
 from cmr.io import atomic_path, write_json
-from cmr.retrieval.calibrate import (MARGINAL_NEIGHBOURS, Selection, calibrate, expected_texts_per_image,
-                                     select_calibration)
+from cmr.retrieval.calibrate import (MARGINAL_NEIGHBOURS, Selection, bank_own_gallery, calibrate,
+                                     expected_texts_per_image, select_calibration)
 from cmr.retrieval.evaluation import positives_t2i
 from cmr.stages._common import log, stage_main
 
 DIRECTIONS = ("t2i", "i2t")
 
 
-def _bank(queries: torch.Tensor, max_bank: int, seed: int) -> torch.Tensor:
-    if queries.shape[0] <= max_bank:
-        return queries
-    keep = torch.randperm(queries.shape[0], generator=torch.Generator().manual_seed(seed))[:max_bank]
-    return queries[keep]
+@dataclass(frozen=True)
+class Bank:
+    """A query bank: the queries of ``split`` at ``rows`` (texts for t2i, images for i2t)."""
+    split: SplitEmbeddings
+    direction: str
+    rows: torch.Tensor
+
+    @property
+    def queries(self) -> torch.Tensor:
+        return _queries(self.split, self.direction)[self.rows]
+
+    @property
+    def fraction(self) -> float:
+        """Share of the split's queries the bank holds (below 1 when ``max_bank`` subsampled it)."""
+        return len(self.rows) / _queries(self.split, self.direction).shape[0]
+
+
+def draw_bank(split: SplitEmbeddings, direction: str, max_bank: int, seed: int) -> Bank:
+    """All of ``split``'s queries, or ``max_bank`` of them drawn with ``seed``."""
+    n = _queries(split, direction).shape[0]
+    rows = (torch.arange(n) if n <= max_bank
+            else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_bank])
+    return Bank(split, direction, rows)
 
 
 def additive_bias(method: str, bank_scores: torch.Tensor, options: dict) -> torch.Tensor | None:
@@ -67,55 +89,71 @@ def _gallery(split: SplitEmbeddings, direction: str) -> torch.Tensor:
 
 
 def data_options(method: str, direction: str, train: SplitEmbeddings, gallery_images: torch.Tensor,
-                 estimate_marginal: bool = True) -> dict:
+                 estimate_marginal: bool = True, bank: Bank | None = None, target_bank: bool = False) -> dict:
     """Options that follow from the data, per gallery: Sinkhorn's text->image marginal
-    (``estimate_marginal=False`` keeps it uniform, the variant the calibration study compares)."""
-    if estimate_marginal and method == "sinkhorn" and direction == "t2i":
-        return {"gallery_weights": expected_texts_per_image(train.image, train.text_item, gallery_images)}
-    return {}
+    (``estimate_marginal=False`` keeps it uniform, the variant the calibration study compares)
+    and, with ``target_bank``, the bank's own gallery as extra columns
+    (:func:`cmr.retrieval.calibrate.bank_own_gallery`), weighted on the same scale: an
+    estimated test image is asked for by ``texts per image x bank fraction`` bank-like queries."""
+    if method != "sinkhorn":
+        return {}
+    options = {}
+    if estimate_marginal and direction == "t2i":
+        options["gallery_weights"] = expected_texts_per_image(train.image, train.text_item, gallery_images)
+    if target_bank and bank is not None:
+        own, weights = bank_own_gallery(direction, bank.rows, bank.split.text_item)
+        options["bank_gallery"] = bank.queries @ _gallery(bank.split, direction)[own].T
+        if "gallery_weights" in options:
+            options["gallery_weights"] = options["gallery_weights"] * bank.fraction
+            options["bank_gallery_weights"] = weights
+    return options
 
 
 def choose_on_validation(method: str, options: dict, val: SplitEmbeddings, bank_split: SplitEmbeddings | None,
                          train: SplitEmbeddings, max_bank: int, seed: int, level: str,
-                         ks: Sequence[int], estimate_marginal: bool = True) -> dict[str, Selection]:
+                         ks: Sequence[int], estimate_marginal: bool = True,
+                         target_bank: bool = False) -> dict[str, Selection]:
     """Per direction, the calibration chosen on validation (``bank_split`` None: transductive)."""
     pos = positives_t2i(val.text_item, val.image.shape[0], level, val.labels, val.identity)
     chosen = {}
     for direction, positives in zip(DIRECTIONS, (pos, pos.T)):
         gallery = _gallery(val, direction)
         scores = _queries(val, direction) @ gallery.T
-        bank = None if bank_split is None else _bank(_queries(bank_split, direction), max_bank, seed) @ gallery.T
-        chosen[direction] = select_calibration(method, scores, bank, positives, options, tuple(ks),
-                                               transductive=bank_split is None,
+        bank = None if bank_split is None else draw_bank(bank_split, direction, max_bank, seed)
+        chosen[direction] = select_calibration(method, scores, None if bank is None else bank.queries @ gallery.T,
+                                               positives, options, tuple(ks), transductive=bank is None,
                                                fixed=data_options(method, direction, train, val.image,
-                                                                  estimate_marginal))
+                                                                  estimate_marginal, bank, target_bank))
     return chosen
 
 
 def calibrate_test(method: str, options: dict, val: SplitEmbeddings, test: SplitEmbeddings, train: SplitEmbeddings,
                    bank_split: SplitEmbeddings, transductive: bool, max_bank: int, seed: int, level: str,
-                   ks: Sequence[int], estimate_marginal: bool = True):
+                   ks: Sequence[int], estimate_marginal: bool = True, target_bank: bool = False):
     """Choose per direction on validation, then calibrate the test split with the choice.
 
     Returns (chosen {direction: Selection}, calibrated {direction: [Q, G] scores}, metric suffix).
     Inductive: the selection bank is ``train``, the test bank ``bank_split``; transductive:
-    each split's queries are their own bank.
+    each split's queries are their own bank (a target bank then has no meaning: the
+    queries' own gallery is the gallery).
     """
     chosen = choose_on_validation(method, options, val, None if transductive else train, train, max_bank, seed,
-                                  level, ks, estimate_marginal)
+                                  level, ks, estimate_marginal, target_bank)
     calibrated, suffix = {}, ""
     for d in DIRECTIONS:
         gallery = _gallery(test, d)
         scores = _queries(test, d) @ gallery.T
-        bank = None if transductive else _bank(_queries(bank_split, d), max_bank, seed) @ gallery.T
-        calibrated[d], s = calibrate(chosen[d].method, scores, bank, transductive=transductive, **chosen[d].options,
-                                     **data_options(chosen[d].method, d, train, test.image, estimate_marginal))
+        bank = None if transductive else draw_bank(bank_split, d, max_bank, seed)
+        calibrated[d], s = calibrate(chosen[d].method, scores, None if bank is None else bank.queries @ gallery.T,
+                                     transductive=transductive, **chosen[d].options,
+                                     **data_options(chosen[d].method, d, train, test.image, estimate_marginal,
+                                                    bank, target_bank))
         suffix = suffix or s
     return chosen, calibrated, suffix
 
 
 def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_bank: int, seed: int,
-        level: str, ks: Sequence[int], out_dir: str) -> dict:
+        level: str, ks: Sequence[int], out_dir: str, target_bank: bool = False) -> dict:
     test = load_split(f"{embeddings_dir}/test.npz")
     val = load_split(f"{embeddings_dir}/val.npz")
     transductive = query_bank == "test"
@@ -125,11 +163,12 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
     bank_split = load_split(f"{embeddings_dir}/{query_bank}.npz")
     train = bank_split if query_bank == "train" else load_split(f"{embeddings_dir}/train.npz")
     chosen, calibrated, suffix = calibrate_test(method, options, val, test, train, bank_split, transductive,
-                                                max_bank, seed, level, ks)
-    banks = {d: _bank(_queries(bank_split, d), max_bank, seed) for d in DIRECTIONS}
+                                                max_bank, seed, level, ks, target_bank=target_bank)
+    banks = {d: draw_bank(bank_split, d, max_bank, seed).queries for d in DIRECTIONS}
     meta = {"method": method, "options": options, "query_bank": query_bank, "suffix": suffix,
             "t2i_gallery_marginal": f"texts per image estimated from the {MARGINAL_NEIGHBOURS} nearest training images"
             if method == "sinkhorn" else None,
+            "target_bank": bool(target_bank and method == "sinkhorn" and not transductive),
             "bank_sizes": {d: int(banks[d].shape[0]) for d in DIRECTIONS},
             "selection": {"on": "val", "bank": "val (transductive)" if transductive else "train",
                           "criterion": f"sum of R@{{{','.join(map(str, ks))}}} per direction, percent"},
@@ -140,7 +179,8 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
         with open(tmp / "test_scores.npz", "wb") as f:
             np.savez(f, t2i=calibrated["t2i"].float().numpy(), i2t=calibrated["i2t"].float().numpy())
         # serving biases: bank queries of the bank split against the whole gallery; when
-        # validation kept 'none' in both directions there is nothing to fold into the index
+        # validation kept 'none' in both directions there is nothing to fold into the index.
+        # The whole gallery holds the bank's own items already, so no target bank is added.
         meta["serving_bias"] = False
         if any(c.method != "none" for c in chosen.values()):
             whole = load_gallery(embeddings_dir)
@@ -160,7 +200,7 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
 def from_params(p: Params):
     c = p.calibrate
     return run(p.paths.embeddings, c.method, c.options, c.query_bank, c.max_bank, p.seed,
-               p.evaluate.level, p.evaluate.ks, p.paths.calibration)
+               p.evaluate.level, p.evaluate.ks, p.paths.calibration, c.target_bank)
 
 
 def main(argv=None) -> int:
