@@ -33,7 +33,7 @@ def test_bench_index_prints_ratios_and_recall(capsys):
 
 def test_bench_sinkhorn_prints_ratio_and_agrees_with_naive(capsys):
     load("bench_sinkhorn").main(["--n", "200", "--dim", "32", "--clusters", "20", "--epsilon", "0.05", "0.01",
-                                 "--reference"])
+                                 "--reference", "--target-bank"])
     out = capsys.readouterr().out
     rows = re.findall(r"^(0\.0[15]) +(\S+) +(\S+) +(\d+) +(\S+) +(\d+) +(\S+) +(\d+) +(\S+) +(\S+)x +(\S+)% "
                       r"+(\S+) +(\S+)$", out, re.M)
@@ -45,6 +45,8 @@ def test_bench_sinkhorn_prints_ratio_and_agrees_with_naive(capsys):
     ref = re.findall(r"max bias diff ours (\S+), plain (\S+), naive (\S+);", out)
     assert len(ref) == 2 and all(float(x) < 0.06 for r in ref for x in r)
     assert all(float(x) >= 95.0 for x in re.findall(r"top-1 agree ours (\S+)%", out))
+    target = re.findall(r"target bank \(200 x 400\): (\S+) s, (\S+)x the query-bank solve", out)
+    assert len(target) == 2 and all(float(t) > 0 and float(r) > 0 for t, r in target)
 
 
 @pytest.mark.slow
