@@ -105,8 +105,8 @@ def main(argv=None) -> None:
             calibrate("sinkhorn", scores, bank, epsilon=eps, stop_thr=args.stop_thr, max_iter=args.max_iter,
                       bank_gallery=bank_gallery)
             t_target = time.perf_counter() - start
-            print(f"  target bank ({args.n} x {2 * args.n}): {t_target:.2f} s, {t_target / t_ours:.1f}x the query-bank "
-                  "solve")
+            print(f"  target bank ({args.n} x {2 * args.n}): {t_target:.3f} s, "
+                  f"{t_target / max(t_ours, 1e-9):.1f}x the query-bank solve")
         if args.reference:
             ref, row_err, col_err = reference(bank, eps)
             top_ref = (scores.double() + ref[None, :]).argmax(1)

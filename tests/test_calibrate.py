@@ -455,46 +455,77 @@ def test_bank_own_gallery_is_the_bank_queries_partners_weighted_by_bank_counts()
         bank_own_gallery("x2y", torch.tensor([0]), text_item)
 
 
-def test_stage_target_bank_scales_the_estimated_marginal_by_the_bank_fraction():
-    """A bank of 3 of 6 training texts: each own image is asked for by its bank texts, and an
-    estimated test image by (texts per image) x 1/2 bank-like queries: one scale for both."""
+def test_stage_target_bank_puts_both_galleries_on_one_scale_of_bank_queries():
+    """A bank of 3 of 6 training texts: an own image is asked for by its bank texts, an estimated
+    test image by (texts per image) x 1/2 bank-like queries; image->text alike, one text each."""
     from cmr.embeddings import SplitEmbeddings
     from cmr.stages.calibrate import Bank, data_options
 
     gen = torch.Generator().manual_seed(0)
     norm = torch.nn.functional.normalize
-    train = SplitEmbeddings(norm(torch.randn(3, 8, generator=gen), dim=1), norm(torch.randn(6, 8, generator=gen), dim=1),
-                            torch.tensor([0, 0, 1, 1, 2, 2]), ["a", "b", "c"], [str(i) for i in range(6)], None, None)
-    gallery = norm(torch.randn(4, 8, generator=gen), dim=1)
+
+    def split(n_images, text_item):
+        return SplitEmbeddings(norm(torch.randn(n_images, 8, generator=gen), dim=1),
+                               norm(torch.randn(len(text_item), 8, generator=gen), dim=1), torch.tensor(text_item),
+                               [str(i) for i in range(n_images)], [str(t) for t in range(len(text_item))], None, None)
+
+    train, gallery = split(3, [0, 0, 1, 1, 2, 2]), split(4, [0, 1, 2, 3, 3])
     bank = Bank(train, "t2i", torch.tensor([0, 1, 4]))
     assert bank.fraction == 0.5
     opts = data_options("sinkhorn", "t2i", train, gallery, True, bank, target_bank=True)
-    assert torch.allclose(opts["gallery_weights"], expected_texts_per_image(train.image, train.text_item, gallery) * 0.5)
+    assert torch.allclose(opts["gallery_weights"],
+                          expected_texts_per_image(train.image, train.text_item, gallery.image) * 0.5)
     assert opts["bank_gallery_weights"].tolist() == [2.0, 1.0]  # image 0 twice, image 2 once
     assert torch.allclose(opts["bank_gallery"], train.text[[0, 1, 4]] @ train.image[[0, 2]].T)
+    # the uniform text->image marginal: one query per test image, scaled alike
+    assert data_options("sinkhorn", "t2i", train, gallery, False, bank, True)["gallery_weights"].tolist() == [0.5] * 4
     assert data_options("sinkhorn", "t2i", train, gallery, True, bank, target_bank=False).keys() == {"gallery_weights"}
     assert data_options("dsl", "t2i", train, gallery, True, bank, target_bank=True) == {}
-    i2t = data_options("sinkhorn", "i2t", train, train.text, True, Bank(train, "i2t", torch.tensor([1])), True)
-    assert set(i2t) == {"bank_gallery"} and i2t["bank_gallery"].shape == (1, 2)  # image 1's two texts, uniform
+    # image->text, a bank of 1 of 3 training images: its two texts weigh 1, each of the 5 test texts 1/3
+    i2t = data_options("sinkhorn", "i2t", train, gallery, True, Bank(train, "i2t", torch.tensor([1])), True)
+    assert i2t["bank_gallery"].shape == (1, 2) and i2t["bank_gallery_weights"].tolist() == [1.0, 1.0]
+    assert torch.allclose(i2t["gallery_weights"], torch.full((5,), 1 / 3, dtype=torch.float64))
+
+
+def test_draw_bank_keeps_the_rows_the_stage_always_drew():
+    """Subsampled banks are the seed's first max_bank of a permutation, as before the Bank type:
+    calibrations made before it reproduce."""
+    from cmr.embeddings import SplitEmbeddings
+    from cmr.stages.calibrate import draw_bank
+
+    split = SplitEmbeddings(torch.randn(30, 4), torch.randn(50, 4), torch.arange(50) % 30, [str(i) for i in range(30)],
+                            [str(t) for t in range(50)], None, None)
+    bank = draw_bank(split, "t2i", 20, seed=7)
+    assert bank.rows.tolist() == torch.randperm(50, generator=torch.Generator().manual_seed(7))[:20].tolist()
+    assert torch.equal(bank.queries, split.text[bank.rows]) and bank.fraction == 20 / 50
+    whole = draw_bank(split, "i2t", 30, seed=7)
+    assert whole.rows.tolist() == list(range(30)) and whole.fraction == 1.0
 
 
 def test_stage_with_target_bank_calibrates_test_with_the_banks_own_gallery(tmp_path):
+    """A subsampled bank (100 of 180 training texts): the test images' biases come from one Sinkhorn
+    problem over test images + the bank texts' own images, rebuilt here by hand."""
     from cmr.io import read_json
-    from cmr.stages.calibrate import Bank, data_options, run
+    from cmr.stages.calibrate import run
 
     splits = _saved_hub_splits(tmp_path, seed=1, sizes=(120, 60, 60))
-    meta = run(str(tmp_path), "sinkhorn", {"epsilon": [0.05, 0.2]}, "train", 5000, 0, "instance", (1, 5, 10),
+    meta = run(str(tmp_path), "sinkhorn", {"epsilon": [0.05, 0.2]}, "train", 100, 0, "instance", (1, 5, 10),
                str(tmp_path / "cal"), target_bank=True)
     assert meta["target_bank"] and read_json(tmp_path / "cal" / "calibration.json")["target_bank"]
     train, test = splits["train"], splits["test"]
-    with np.load(tmp_path / "cal" / "test_scores.npz") as z:
-        got = z["t2i"]
     chosen = meta["chosen"]["t2i"]
     assert chosen["method"] == "sinkhorn"  # the hubs are real: validation calibrates
-    bank = Bank(train, "t2i", torch.arange(train.text.shape[0]))
-    expect, _ = calibrate("sinkhorn", test.text @ test.image.T, train.text @ test.image.T, **chosen["options"],
-                          **data_options("sinkhorn", "t2i", train, test.image, True, bank, target_bank=True))
-    np.testing.assert_allclose(got, expect.numpy(), atol=1e-5)
-    plain = run(str(tmp_path), "sinkhorn", {"epsilon": chosen["options"]["epsilon"]}, "train", 5000, 0, "instance",
+    rows = torch.randperm(180, generator=torch.Generator().manual_seed(0))[:100]
+    own, counts = torch.unique(train.text_item[rows], return_counts=True)
+    bank = train.text[rows]
+    weights = torch.cat([expected_texts_per_image(train.image, train.text_item, test.image) * 100 / 180,
+                         counts.double()])
+    bias = sinkhorn_biases(torch.cat([bank @ test.image.T, bank @ train.image[own].T], 1),
+                           chosen["options"]["epsilon"], gallery_weights=weights).gallery_bias[:60]
+    with np.load(tmp_path / "cal" / "test_scores.npz") as z:
+        np.testing.assert_allclose(z["t2i"], (test.text @ test.image.T + bias[None, :]).numpy(), atol=1e-5)
+    plain = run(str(tmp_path), "sinkhorn", {"epsilon": chosen["options"]["epsilon"]}, "train", 100, 0, "instance",
                 (1, 5, 10), str(tmp_path / "plain"))
-    assert not plain["target_bank"]
+    assert not plain["target_bank"] and plain["chosen"]["t2i"]["method"] == "sinkhorn"
+    with np.load(tmp_path / "plain" / "test_scores.npz") as z:  # the same epsilon without the target bank differs
+        assert not np.allclose(z["t2i"], (test.text @ test.image.T + bias[None, :]).numpy(), atol=1e-3)

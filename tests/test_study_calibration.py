@@ -144,3 +144,61 @@ def test_target_check_pairs_each_sinkhorn_with_every_rival_on_the_same_heads():
     assert tr["vs none"] == pytest.approx(100 * ((0.14 - 0.10) + (0.31 - 0.30)) / 2)
     text = target_markdown(list(rows.values()))
     assert text.endswith(f"met in {sum(r['met'] for r in rows.values())} of 6 rows\n")
+
+
+def test_target_check_pairs_within_a_split_and_takes_the_standard_error_over_splits():
+    """Two splits x two seeds with the same seed numbers: pairing must key on the split too, and the
+    seeds of a split (one shared test set) count as one observation for the standard error."""
+    from cmr.studies.calibration import target_check
+
+    r1 = {  # (split, seed) -> calibrator -> t2i R@1
+        (0, 0): {"none": 0.10, "dsl": 0.12, "qbnorm": 0.12, "sinkhorn": 0.13},
+        (0, 1): {"none": 0.20, "dsl": 0.20, "qbnorm": 0.21, "sinkhorn": 0.23},
+        (1, 0): {"none": 0.40, "dsl": 0.45, "qbnorm": 0.44, "sinkhorn": 0.44},
+        (1, 1): {"none": 0.30, "dsl": 0.33, "qbnorm": 0.30, "sinkhorn": 0.32},
+    }
+    cells = [{"params": {"dataset": "d", "loss": "ncl", "split_seed": split, "seed": seed, "setting": "inductive",
+                         "calibrator": cal}, "metrics": {"t2i/R@1": v, "i2t/R@1": v}}
+             for (split, seed), cals in r1.items() for cal, v in cals.items()]
+    row = next(r for r in target_check(cells) if r["direction"] == "t2i" and r["calibrator"] == "sinkhorn")
+    assert (row["splits"], row["runs"]) == (2, 4)
+    split_means = [100 * ((0.13 - 0.12) + (0.23 - 0.20)) / 2, 100 * ((0.44 - 0.45) + (0.32 - 0.33)) / 2]
+    assert row["vs dsl"] == pytest.approx(sum(split_means) / 2)
+    assert row["vs dsl se"] == pytest.approx(abs(split_means[0] - split_means[1]) / 2)
+    assert row["vs none"] == pytest.approx(100 * (0.03 + 0.03 + 0.04 + 0.02) / 4)
+    assert row["met"] is True  # ahead of DSL on split 0 by more than it trails on split 1
+
+
+def test_resplit_gives_each_split_the_features_of_its_own_items(shared_datasets):
+    """Features pooled from split 0 and re-split for another split seed equal features computed from
+    that split's items directly (real gcompris items: 1-3 texts each; features a hash of id and text)."""
+    import zlib
+
+    from cmr.data.schema import by_split
+    from cmr.studies.calibration import SPLITS, pooled_features, resplit
+    from cmr.training.features import FeatureSet, label_matrix, texts_of
+
+    def vec(key: str) -> torch.Tensor:
+        return torch.randn(4, generator=torch.Generator().manual_seed(zlib.crc32(key.encode())))
+
+    def direct(items, label_set) -> FeatureSet:
+        texts, owner = texts_of(items)
+        return FeatureSet(torch.stack([vec(it.id) for it in items]),
+                          torch.stack([vec(items[int(o)].id + "|" + t) for t, o in zip(texts, owner)]), owner,
+                          label_matrix(items, label_set), None)
+
+    base = prepare_dataset("gcompris", shared_datasets / "gcompris", {}, 0.1, 0.15, 0)
+    other = prepare_dataset("gcompris", shared_datasets / "gcompris", {}, 0.1, 0.15, 3)
+    pool, row_of = pooled_features(base, {s: direct(by_split(base.items, s), base.label_set) for s in SPLITS})
+    got = resplit(pool, row_of, other)
+    moved = 0
+    for s in SPLITS:
+        items = by_split(other.items, s)
+        want = direct(items, other.label_set)
+        moved += sum(it.id not in {x.id for x in by_split(base.items, s)} for it in items)
+        assert torch.equal(got[s].image, want.image)
+        pairs = lambda fs: sorted((int(o), tuple(t.tolist())) for t, o in zip(fs.text, fs.text_item))  # noqa: E731
+        assert pairs(got[s]) == pairs(want)
+        if want.labels is not None:
+            assert torch.equal(got[s].labels, want.labels)
+    assert moved > 0  # the other split seed really moved items between splits

@@ -64,7 +64,7 @@ class CalibrateCfg(Section):
     query_bank: Literal["train", "val", "test"] = "train"
     max_bank: int = Field(5000, ge=1)
     #: sinkhorn only: add the bank queries' own gallery as extra transport columns (dual bank)
-    target_bank: bool = False
+    target_bank: bool = True
 
 
 class IndexCfg(Section):

@@ -88,24 +88,27 @@ def _gallery(split: SplitEmbeddings, direction: str) -> torch.Tensor:
     return split.image if direction == "t2i" else split.text
 
 
-def data_options(method: str, direction: str, train: SplitEmbeddings, gallery_images: torch.Tensor,
+def data_options(method: str, direction: str, train: SplitEmbeddings, gallery: SplitEmbeddings,
                  estimate_marginal: bool = True, bank: Bank | None = None, target_bank: bool = False) -> dict:
     """Options that follow from the data, per gallery: Sinkhorn's text->image marginal
     (``estimate_marginal=False`` keeps it uniform, the variant the calibration study compares)
     and, with ``target_bank``, the bank's own gallery as extra columns
-    (:func:`cmr.retrieval.calibrate.bank_own_gallery`), weighted on the same scale: an
-    estimated test image is asked for by ``texts per image x bank fraction`` bank-like queries."""
+    (:func:`cmr.retrieval.calibrate.bank_own_gallery`), both on one scale, the number of bank
+    queries that ask for an item: an own item is asked for by its bank queries; a test item
+    by its expected query count (texts per image, or 1) x the bank's share of its split's
+    queries (below 1 when ``max_bank`` subsampled the bank)."""
     if method != "sinkhorn":
         return {}
     options = {}
     if estimate_marginal and direction == "t2i":
-        options["gallery_weights"] = expected_texts_per_image(train.image, train.text_item, gallery_images)
+        options["gallery_weights"] = expected_texts_per_image(train.image, train.text_item, gallery.image)
     if target_bank and bank is not None:
         own, weights = bank_own_gallery(direction, bank.rows, bank.split.text_item)
         options["bank_gallery"] = bank.queries @ _gallery(bank.split, direction)[own].T
-        if "gallery_weights" in options:
-            options["gallery_weights"] = options["gallery_weights"] * bank.fraction
-            options["bank_gallery_weights"] = weights
+        options["bank_gallery_weights"] = weights
+        per_item = options.get("gallery_weights",
+                               torch.ones(_gallery(gallery, direction).shape[0], dtype=torch.float64))
+        options["gallery_weights"] = per_item * bank.fraction
     return options
 
 
@@ -122,7 +125,7 @@ def choose_on_validation(method: str, options: dict, val: SplitEmbeddings, bank_
         bank = None if bank_split is None else draw_bank(bank_split, direction, max_bank, seed)
         chosen[direction] = select_calibration(method, scores, None if bank is None else bank.queries @ gallery.T,
                                                positives, options, tuple(ks), transductive=bank is None,
-                                               fixed=data_options(method, direction, train, val.image,
+                                               fixed=data_options(method, direction, train, val,
                                                                   estimate_marginal, bank, target_bank))
     return chosen
 
@@ -146,7 +149,7 @@ def calibrate_test(method: str, options: dict, val: SplitEmbeddings, test: Split
         bank = None if transductive else draw_bank(bank_split, d, max_bank, seed)
         calibrated[d], s = calibrate(chosen[d].method, scores, None if bank is None else bank.queries @ gallery.T,
                                      transductive=transductive, **chosen[d].options,
-                                     **data_options(chosen[d].method, d, train, test.image, estimate_marginal,
+                                     **data_options(chosen[d].method, d, train, test, estimate_marginal,
                                                     bank, target_bank))
         suffix = suffix or s
     return chosen, calibrated, suffix
@@ -169,6 +172,8 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
             "t2i_gallery_marginal": f"texts per image estimated from the {MARGINAL_NEIGHBOURS} nearest training images"
             if method == "sinkhorn" else None,
             "target_bank": bool(target_bank and method == "sinkhorn" and not transductive),
+            "serving_bias_bank": "the query bank against the whole gallery, which already holds the bank's own "
+                                 "items (so no separate target bank)",
             "bank_sizes": {d: int(banks[d].shape[0]) for d in DIRECTIONS},
             "selection": {"on": "val", "bank": "val (transductive)" if transductive else "train",
                           "criterion": f"sum of R@{{{','.join(map(str, ks))}}} per direction, percent"},
@@ -185,7 +190,7 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
         if any(c.method != "none" for c in chosen.values()):
             whole = load_gallery(embeddings_dir)
             bias = {d: additive_bias(chosen[d].method, banks[d] @ _gallery(whole, d).T,
-                                     {**chosen[d].options, **data_options(chosen[d].method, d, train, whole.image)})
+                                     {**chosen[d].options, **data_options(chosen[d].method, d, train, whole)})
                     for d in DIRECTIONS}
             meta["serving_bias"] = all(b is not None for b in bias.values())
             if meta["serving_bias"]:
