@@ -202,3 +202,24 @@ def test_resplit_gives_each_split_the_features_of_its_own_items(shared_datasets)
         if want.labels is not None:
             assert torch.equal(got[s].labels, want.labels)
     assert moved > 0  # the other split seed really moved items between splits
+
+
+def test_summarise_pairs_each_calibrator_with_none_of_the_same_split_and_seed():
+    """Δ vs none is taken on the same heads: cells of two splits with equal seed numbers must not mix."""
+    from cmr.studies.calibration import summarise
+
+    def cell(cal, split, seed, r1):
+        metrics = {f"{d}/R@{k}": r1 for d in ("t2i", "i2t") for k in (1, 5, 10)}
+        return {"params": {"dataset": "d", "loss": "infonce", "split_seed": split, "seed": seed,
+                           "setting": "inductive", "calibrator": cal,
+                           "chosen": {"t2i": {"method": cal, "options": {}}, "i2t": {"method": cal, "options": {}}}},
+                "metrics": {**metrics, "rsum": 600 * r1}}
+
+    cells = [cell("none", 0, 0, 0.10), cell("dsl", 0, 0, 0.12), cell("none", 1, 0, 0.40), cell("dsl", 1, 0, 0.41),
+             cell("none", 0, 1, 0.20), cell("dsl", 0, 1, 0.24), cell("none", 1, 1, 0.30), cell("dsl", 1, 1, 0.30)]
+    row = next(r for r in summarise(cells) if r["calibrator"] == "dsl")
+    assert row["runs"] == 4
+    assert row["Δ t2i/R@1"] == pytest.approx(100 * (0.02 + 0.01 + 0.04 + 0.0) / 4)
+    split_means = [100 * (0.02 + 0.04) / 2, 100 * (0.01 + 0.0) / 2]
+    assert row["Δ t2i/R@1 se"] == pytest.approx(abs(split_means[0] - split_means[1]) / 2)
+    assert row["chosen"] == "t2i dsl 4/4; i2t dsl 4/4"

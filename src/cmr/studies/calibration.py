@@ -242,7 +242,7 @@ def summarise(cells: list[dict]) -> list[dict]:
     split, loss and seed), which removes the spread between heads and splits that both share.
     """
     def heads(q):
-        return q["dataset"], q.get("split_seed", 0), q["loss"], q["seed"]
+        return q["dataset"], q["split_seed"], q["loss"], q["seed"]
 
     none = {heads(c["params"]): c["metrics"] for c in cells if c["params"]["calibrator"] == "none"}
     groups: dict[tuple, list[dict]] = {}
@@ -258,7 +258,7 @@ def summarise(cells: list[dict]) -> list[dict]:
         for col in DELTAS:
             deltas: dict[int, list[float]] = {}
             for g in group:
-                deltas.setdefault(g["params"].get("split_seed", 0), []).append(
+                deltas.setdefault(g["params"]["split_seed"], []).append(
                     100.0 * (g["metrics"][col + sfx] - none[heads(g["params"])][col]))
             _mean_std(row, f"Δ {col}", [d for split_deltas in deltas.values() for d in split_deltas])
             row[f"Δ {col} se"] = split_mean_and_se(deltas)[1]
@@ -297,7 +297,7 @@ def target_check(cells: list[dict]) -> list[dict]:
             # 'none' has no transductive cell: the inductive one is the same scores
             settings = SETTINGS if q["calibrator"] == "none" else (q["setting"],)
             for setting in settings:
-                key = (q["dataset"], q["loss"], setting, direction, q.get("split_seed", 0), q["seed"])
+                key = (q["dataset"], q["loss"], setting, direction, q["split_seed"], q["seed"])
                 metric = f"{direction}/R@1{_suffix(q['setting'])}"
                 at.setdefault(key, {})[q["calibrator"]] = 100.0 * c["metrics"][metric]
     groups: dict[tuple, dict[int, list[dict[str, float]]]] = {}
