@@ -455,6 +455,40 @@ def test_bank_own_gallery_is_the_bank_queries_partners_weighted_by_bank_counts()
         bank_own_gallery("x2y", torch.tensor([0]), text_item)
 
 
+def test_weighted_bank_rows_equal_repeated_rows():
+    """Row marginal ``bank_weights``: a bank query of integer weight n is n copies of it (naive
+    reference: the repeated bank, uniform rows), in both solvers; weight 0 removes the query."""
+    bank, scores = cosine_scores(9, 7, seed=11).double(), cosine_scores(4, 7, seed=12).double()
+    counts = torch.tensor([1, 3, 0, 2, 1, 1, 0, 4, 2], dtype=torch.float64)
+    repeated = bank.repeat_interleave(counts.long(), dim=0)
+    ref = naive_sinkhorn_gallery_bias(repeated.tolist(), 0.1, [1.0 / 7] * 7)
+    for method in ("auto", "sinkhorn_log"):
+        res = sinkhorn_biases(bank[counts > 0], 0.1, max_iter=20000, stop_thr=1e-10, method=method,
+                              bank_weights=counts[counts > 0])
+        got = res.gallery_bias.numpy()
+        np.testing.assert_allclose(got - got.mean(), ref - ref.mean(), atol=1e-7)
+        assert torch.allclose(res.plan.sum(1).double(), counts[counts > 0] / counts.sum(), rtol=1e-6)
+    out, _ = calibrate("sinkhorn", scores, bank, epsilon=0.1, max_iter=20000, stop_thr=1e-10, bank_weights=counts)
+    bias = (out - scores)[0].numpy()
+    np.testing.assert_allclose(bias - bias.mean(), ref - ref.mean(), atol=1e-7)
+    with pytest.raises(DataError, match="bank_weights"):
+        calibrate("sinkhorn", scores, bank, bank_weights=torch.ones(8))
+    with pytest.raises(DataError, match="bank_weights"):
+        calibrate("sinkhorn", scores, bank, bank_weights=torch.zeros(9))
+    with pytest.raises(DataError, match="bank_weights"):
+        sinkhorn_biases(bank, bank_weights=counts)  # the solver itself needs every weight > 0
+
+
+def test_bank_positive_counts_are_each_bank_querys_positives():
+    from cmr.retrieval.calibrate import bank_positive_counts
+
+    text_item = torch.tensor([0, 0, 1, 2, 2, 2])  # image 3 has no text
+    assert bank_positive_counts("i2t", torch.tensor([3, 2, 0]), text_item, 4).tolist() == [0.0, 3.0, 2.0]
+    assert bank_positive_counts("t2i", torch.tensor([0, 4]), text_item, 4).tolist() == [1.0, 1.0]
+    with pytest.raises(ConfigError, match="direction"):
+        bank_positive_counts("x", torch.tensor([0]), text_item, 4)
+
+
 def test_stage_target_bank_puts_both_galleries_on_one_scale_of_bank_queries():
     """A bank of 3 of 6 training texts: an own image is asked for by its bank texts, an estimated
     test image by (texts per image) x 1/2 bank-like queries; image->text alike, one text each."""
@@ -485,6 +519,10 @@ def test_stage_target_bank_puts_both_galleries_on_one_scale_of_bank_queries():
     i2t = data_options("sinkhorn", "i2t", train, gallery, True, Bank(train, "i2t", torch.tensor([1])), True)
     assert i2t["bank_gallery"].shape == (1, 2) and i2t["bank_gallery_weights"].tolist() == [1.0, 1.0]
     assert torch.allclose(i2t["gallery_weights"], torch.full((5,), 1 / 3, dtype=torch.float64))
+    assert i2t["bank_weights"].tolist() == [2.0]  # ... and the bank image asks for both (pairs on both sides)
+    assert "bank_weights" not in opts  # text->image: one image per text, rows stay uniform
+    assert "bank_weights" not in data_options("sinkhorn", "i2t", train, gallery, True,
+                                              Bank(train, "i2t", torch.tensor([1])), target_bank=False)
 
 
 def test_draw_bank_keeps_the_rows_the_stage_always_drew():

@@ -91,7 +91,8 @@ def no_calibration(scores: torch.Tensor, bank: torch.Tensor | None = None) -> to
 def sinkhorn(scores: torch.Tensor, bank: torch.Tensor, epsilon: float = 0.01, max_iter: int = 1000,
              stop_thr: float = 1e-2, gallery_weights: torch.Tensor | None = None,
              method: str = "auto", omega: float | None = None, bank_gallery: torch.Tensor | None = None,
-             bank_gallery_weights: torch.Tensor | None = None) -> torch.Tensor:
+             bank_gallery_weights: torch.Tensor | None = None,
+             bank_weights: torch.Tensor | None = None) -> torch.Tensor:
     """NCL: add each gallery item's Sinkhorn bias, computed on the bank, to the test scores.
 
     Default epsilon 0.01 is CLIP's softmax temperature (logit scale 100): the biases
@@ -106,6 +107,12 @@ def sinkhorn(scores: torch.Tensor, bank: torch.Tensor, epsilon: float = 0.01, ma
     ``bank_gallery_weights`` [G2] (ones by default) beside ``gallery_weights`` (ones by
     default): the two are on one scale, so give both as expected query counts. Only the
     G test-gallery biases are added to ``scores``.
+
+    ``bank_weights`` [B] (>= 0): the row marginal, each bank query's share of the retrieval
+    mass (uniform by default). When queries have several positives (an image retrieving
+    its texts) a query asks for as many gallery items as it has positives, so its weight is
+    that count (:func:`bank_positive_counts`); a query of weight 0 asks for nothing and
+    leaves the problem.
     """
     weights = gallery_weights
     if bank_gallery is not None:
@@ -122,7 +129,16 @@ def sinkhorn(scores: torch.Tensor, bank: torch.Tensor, epsilon: float = 0.01, ma
         bank = torch.cat([bank, bank_gallery.to(bank.dtype)], dim=1)
     elif bank_gallery_weights is not None:
         raise ConfigError("sinkhorn: bank_gallery_weights given without bank_gallery")
-    result = sinkhorn_biases(bank, epsilon, max_iter, stop_thr, weights, method, omega)
+    if bank_weights is not None:
+        bank_weights = torch.as_tensor(bank_weights, dtype=torch.float64)
+        if (tuple(bank_weights.shape) != (bank.shape[0],) or not torch.isfinite(bank_weights).all()
+                or (bank_weights < 0).any() or not (bank_weights > 0).any()):
+            raise DataError("bank_weights", f"{bank.shape[0]} finite weights >= 0, not all 0 (one per bank query)",
+                            f"got shape {tuple(bank_weights.shape)}, min "
+                            f"{float(bank_weights.min()) if bank_weights.numel() else 'n/a'}")
+        asks = bank_weights > 0
+        bank, bank_weights = bank[asks], bank_weights[asks]
+    result = sinkhorn_biases(bank, epsilon, max_iter, stop_thr, weights, method, omega, bank_weights)
     return scores + result.gallery_bias[: scores.shape[1]].to(scores.dtype)[None, :]
 
 
@@ -228,6 +244,21 @@ def bank_own_gallery(direction: str, bank_rows: torch.Tensor, text_item: torch.T
     if direction == "i2t":
         rows = torch.nonzero(torch.isin(text_item, bank_rows)).flatten()
         return rows, torch.ones(len(rows), dtype=torch.float64)
+    raise ConfigError(f"unknown direction {direction!r}; use t2i or i2t")
+
+
+def bank_positive_counts(direction: str, bank_rows: torch.Tensor, text_item: torch.Tensor,
+                         n_images: int) -> torch.Tensor:
+    """[B] how many gallery items each bank query asks for: its number of positives.
+
+    t2i: 1 per bank text (a text has one image); i2t: the number of texts each bank image
+    owns in its split (0 for an image without texts). Sinkhorn's row marginal
+    (``bank_weights``), so that rows and columns both count relevant (query, item) pairs.
+    """
+    if direction == "t2i":
+        return torch.ones(len(bank_rows), dtype=torch.float64)
+    if direction == "i2t":
+        return torch.bincount(text_item, minlength=n_images).to(torch.float64)[bank_rows]
     raise ConfigError(f"unknown direction {direction!r}; use t2i or i2t")
 
 

@@ -24,7 +24,8 @@ class SinkhornResult:
     """Entropic OT between bank queries (rows) and gallery items (columns).
 
     plan[b, g] = exp((bank[b, g] + bank_bias[b] + gallery_bias[g]) / epsilon); its rows
-    sum to 1/B and its columns to the gallery marginal (within ``marginal_error``).
+    sum to the bank marginal (1/B unless weighted) and its columns to the gallery marginal
+    (within ``marginal_error``).
     """
     plan: torch.Tensor           # [B, G]
     bank_bias: torch.Tensor      # [B], similarity units
@@ -37,11 +38,13 @@ class SinkhornResult:
 
 def sinkhorn_biases(bank: torch.Tensor, epsilon: float = 0.01, max_iter: int = 1000,
                     stop_thr: float = 1e-2, gallery_weights: torch.Tensor | None = None,
-                    method: str = "auto", omega: float | None = None) -> SinkhornResult:
+                    method: str = "auto", omega: float | None = None,
+                    bank_weights: torch.Tensor | None = None) -> SinkhornResult:
     """Sinkhorn-Knopp on the bank's similarities at entropic temperature ``epsilon``.
 
-    bank: [B, G] similarities. Row marginal uniform (1/B); column marginal uniform, or
-    proportional to ``gallery_weights`` [G] (all > 0). ``stop_thr`` is the relative L2
+    bank: [B, G] similarities. Row marginal uniform (1/B), or proportional to
+    ``bank_weights`` [B] (all > 0); column marginal uniform, or proportional to
+    ``gallery_weights`` [G] (all > 0). ``stop_thr`` is the relative L2
     error of the row and of the column marginal at which iterations stop.
     ``method``: "auto" runs :func:`_scaling_sinkhorn` (torch, float32 unless the bank is
     float64, scalings folded into log potentials before they can overflow), falling back
@@ -59,13 +62,14 @@ def sinkhorn_biases(bank: torch.Tensor, epsilon: float = 0.01, max_iter: int = 1
         raise ConfigError(f"sinkhorn: omega must be in [1, 2) (or null to choose it), got {omega}")
     if method == "auto":
         dtype = torch.float64 if bank.dtype == torch.float64 else torch.float32
-        a = torch.full((bank.shape[0],), 1.0 / bank.shape[0], dtype=dtype, device=bank.device)
-        b = _gallery_marginal(gallery_weights, bank.shape[1], dtype, bank.device)
+        a = _marginal(bank_weights, bank.shape[0], dtype, bank.device, "bank_weights")
+        b = _marginal(gallery_weights, bank.shape[1], dtype, bank.device, "gallery_weights")
         result = _scaling_sinkhorn(bank.to(dtype), a, b, epsilon, max_iter, stop_thr, omega)
         if result is None:
-            return sinkhorn_biases(bank, epsilon, max_iter, stop_thr, gallery_weights, "sinkhorn_log")
+            return sinkhorn_biases(bank, epsilon, max_iter, stop_thr, gallery_weights, "sinkhorn_log",
+                                   bank_weights=bank_weights)
     else:
-        result = _pot_sinkhorn(bank, epsilon, max_iter, stop_thr, gallery_weights, method)
+        result = _pot_sinkhorn(bank, epsilon, max_iter, stop_thr, gallery_weights, method, bank_weights)
     if result.marginal_error > stop_thr:
         warnings.warn(f"Sinkhorn stopped after {result.n_iter} iterations with marginal "
                       f"error {result.marginal_error:.3g} > stop_thr {stop_thr:g}; raise max_iter or epsilon",
@@ -236,7 +240,8 @@ def _scaling_sinkhorn(bank: torch.Tensor, a: torch.Tensor, b: torch.Tensor, epsi
 
 
 def _pot_sinkhorn(bank: torch.Tensor, epsilon: float, max_iter: int, stop_thr: float,
-                  gallery_weights: torch.Tensor | None, method: str) -> SinkhornResult:
+                  gallery_weights: torch.Tensor | None, method: str,
+                  bank_weights: torch.Tensor | None = None) -> SinkhornResult:
     """POT's ``sinkhorn`` or ``sinkhorn_log`` in float64 (the reference path)."""
     dtype = torch.float64
     n_bank, n_gallery = bank.shape
@@ -244,8 +249,8 @@ def _pot_sinkhorn(bank: torch.Tensor, epsilon: float, max_iter: int, stop_thr: f
     # gallery_bias below) and makes every column's largest kernel entry exactly 1.
     col_max = bank.max(0).values.to(dtype)
     cost = col_max[None, :] - bank.to(dtype)
-    a = torch.full((n_bank,), 1.0 / n_bank, dtype=dtype, device=bank.device)
-    b = _gallery_marginal(gallery_weights, n_gallery, dtype, bank.device)
+    a = _marginal(bank_weights, n_bank, dtype, bank.device, "bank_weights")
+    b = _marginal(gallery_weights, n_gallery, dtype, bank.device, "gallery_weights")
     with warnings.catch_warnings():
         # POT warns on non-convergence in its own words; the caller measures and warns.
         warnings.simplefilter("ignore", UserWarning)
@@ -258,17 +263,18 @@ def _pot_sinkhorn(bank: torch.Tensor, epsilon: float, max_iter: int, stop_thr: f
     if not (torch.isfinite(log_u).all() and torch.isfinite(log_v).all()):
         if method == "sinkhorn_log":
             raise DataError("bank", "finite Sinkhorn scalings", f"log-domain Sinkhorn diverged at epsilon={epsilon}")
-        return _pot_sinkhorn(bank, epsilon, max_iter, stop_thr, gallery_weights, "sinkhorn_log")
+        return _pot_sinkhorn(bank, epsilon, max_iter, stop_thr, gallery_weights, "sinkhorn_log", bank_weights)
     error = float(torch.linalg.norm(plan.sum(0) - b) / torch.linalg.norm(b))
     return SinkhornResult(plan=plan, bank_bias=epsilon * log_u, gallery_bias=epsilon * log_v - col_max,
                           n_iter=int(log["niter"]) + 1, marginal_error=error, method=f"{method}/float64")
 
 
-def _gallery_marginal(weights, n_gallery: int, dtype, device) -> torch.Tensor:
+def _marginal(weights, n: int, dtype, device, name: str) -> torch.Tensor:
+    """Uniform over ``n``, or ``weights`` [n] (finite, > 0) normalised to sum 1."""
     if weights is None:
-        return torch.full((n_gallery,), 1.0 / n_gallery, dtype=dtype, device=device)
+        return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
     weights = torch.as_tensor(weights, dtype=dtype, device=device)
-    if weights.shape != (n_gallery,) or not (weights > 0).all() or not torch.isfinite(weights).all():
-        raise DataError("gallery_weights", f"{n_gallery} finite weights, all > 0",
+    if weights.shape != (n,) or not (weights > 0).all() or not torch.isfinite(weights).all():
+        raise DataError(name, f"{n} finite weights, all > 0",
                         f"got shape {tuple(weights.shape)}, min {float(weights.min()) if weights.numel() else 'n/a'}")
     return weights / weights.sum()

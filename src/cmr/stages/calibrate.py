@@ -37,8 +37,8 @@ import torch
 from cmr.config import Params
 from cmr.embeddings import SplitEmbeddings, load_gallery, load_split
 from cmr.io import atomic_path, write_json
-from cmr.retrieval.calibrate import (MARGINAL_NEIGHBOURS, Selection, bank_own_gallery, calibrate,
-                                     expected_texts_per_image, select_calibration)
+from cmr.retrieval.calibrate import (MARGINAL_NEIGHBOURS, Selection, bank_own_gallery, bank_positive_counts,
+                                     calibrate, expected_texts_per_image, select_calibration)
 from cmr.retrieval.evaluation import positives_t2i
 from cmr.stages._common import log, stage_main
 
@@ -96,7 +96,10 @@ def data_options(method: str, direction: str, train: SplitEmbeddings, gallery: S
     (:func:`cmr.retrieval.calibrate.bank_own_gallery`), both on one scale, the number of bank
     queries that ask for an item: an own item is asked for by its bank queries; a test item
     by its expected query count (texts per image, or 1) x the bank's share of its split's
-    queries (below 1 when ``max_bank`` subsampled the bank)."""
+    queries (below 1 when ``max_bank`` subsampled the bank). With a target bank image->text
+    rows are weighted by their texts (:func:`cmr.retrieval.calibrate.bank_positive_counts`),
+    so both sides count (image, text) pairs; without one the rows stay uniform, as in NCL
+    (weighting them did not help on validation: docs/ncl.md)."""
     if method != "sinkhorn":
         return {}
     options = {}
@@ -109,6 +112,11 @@ def data_options(method: str, direction: str, train: SplitEmbeddings, gallery: S
         per_item = options.get("gallery_weights",
                                torch.ones(_gallery(gallery, direction).shape[0], dtype=torch.float64))
         options["gallery_weights"] = per_item * bank.fraction
+        if direction == "i2t":
+            # an own text is one (bank image, text) pair, so a bank image asks for as many
+            # columns as it has texts: the rows count pairs too (an image without texts drops out)
+            options["bank_weights"] = bank_positive_counts(direction, bank.rows, bank.split.text_item,
+                                                           bank.split.image.shape[0])
     return options
 
 

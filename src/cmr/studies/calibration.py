@@ -30,7 +30,8 @@ training item, absent from the test gallery, yet plain Sinkhorn makes every bank
 spend all its mass on the test gallery. ``sinkhorn_dual`` adds the bank queries' own
 gallery items as extra transport columns (Dual Bank Sinkhorn Normalization, Pan et al.,
 ACM MM 2025, on top of NCL's query bank), with the estimated marginal for the test images
-and the true bank counts for the bank's own images. It was added after the query-bank
+and the true bank counts for the bank's own images; image->text rows are weighted by each
+bank image's texts, so both sides count (image, text) pairs. It was added after the query-bank
 Sinkhorn missed this study's target; it is a separate row, the NCL row is unchanged.
 
 Datasets: openclipart (the full shared folder as read by the ``openclipart`` reader:
