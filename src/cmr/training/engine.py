@@ -28,7 +28,7 @@ from cmr.training.features import FeatureSet, _tokens_to, image_batches
 
 @dataclass
 class TrainResult:
-    history: list[dict] = field(default_factory=list)  # one dict per epoch: loss parts, val metrics, seconds
+    history: list[dict] = field(default_factory=list)  # one dict per epoch: loss parts, val metrics
     best_epoch: int = 0  # 0 = the starting state (no epoch improved on it)
     best: dict = field(default_factory=dict)  # validation metrics of the selected state
 
@@ -111,10 +111,12 @@ def _select(model, loss_fn, epochs: int, run_epoch: Callable[[int], dict], evalu
         t0 = time.perf_counter()
         parts = run_epoch(epoch)
         metrics = evaluate()
+        # the history is part of the stage's DVC output, so it holds only what a rerun
+        # reproduces bit for bit; the wall time goes to the log
         result.history.append({"epoch": epoch, **{f"train/{k}": v for k, v in parts.items()},
-                               **{f"val/{k}": v for k, v in metrics.items()},
-                               "seconds": time.perf_counter() - t0})
-        log(f"epoch {epoch}: loss={parts.get('loss', float('nan')):.4f} val {key}={metrics[key]:.2f}")
+                               **{f"val/{k}": v for k, v in metrics.items()}})
+        log(f"epoch {epoch}: loss={parts.get('loss', float('nan')):.4f} val {key}={metrics[key]:.2f} "
+            f"({time.perf_counter() - t0:.1f} s)")
         if metrics[key] > result.best[key]:
             result.best, result.best_epoch = metrics, epoch
             best_state = (_snapshot(model), _snapshot(loss_fn))
