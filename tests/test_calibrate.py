@@ -479,6 +479,23 @@ def test_weighted_bank_rows_equal_repeated_rows():
         sinkhorn_biases(bank, bank_weights=counts)  # the solver itself needs every weight > 0
 
 
+def test_weighted_rows_with_a_target_bank_equal_repeated_rows_over_the_joined_columns():
+    """The pipeline's image->text layout: row weights and the bank's own columns together, against a
+    loop over the repeated bank rows and both column groups (a zero-weight row takes its scores along)."""
+    B, G, G2 = 6, 5, 7
+    bank, own = cosine_scores(B, G, seed=21).double(), cosine_scores(B, G2, seed=22).double()
+    counts = torch.tensor([2, 0, 1, 3, 1, 2], dtype=torch.float64)
+    w_test, w_own = torch.full((G,), 0.5, dtype=torch.float64), torch.ones(G2, dtype=torch.float64)
+    mass = torch.cat([w_test, w_own])
+    joined = torch.cat([bank, own], 1).repeat_interleave(counts.long(), dim=0)
+    ref = naive_sinkhorn_gallery_bias(joined.tolist(), 0.1, (mass / mass.sum()).tolist())
+    scores = cosine_scores(3, G, seed=23).double()
+    out, _ = calibrate("sinkhorn", scores, bank, epsilon=0.1, max_iter=20000, stop_thr=1e-10, gallery_weights=w_test,
+                       bank_gallery=own, bank_gallery_weights=w_own, bank_weights=counts)
+    bias = (out - scores)[0].numpy()
+    np.testing.assert_allclose(bias - bias[0], ref[:G] - ref[0], atol=1e-8)
+
+
 def test_bank_positive_counts_are_each_bank_querys_positives():
     from cmr.retrieval.calibrate import bank_positive_counts
 
@@ -505,7 +522,7 @@ def test_stage_target_bank_puts_both_galleries_on_one_scale_of_bank_queries():
 
     train, gallery = split(3, [0, 0, 1, 1, 2, 2]), split(4, [0, 1, 2, 3, 3])
     bank = Bank(train, "t2i", torch.tensor([0, 1, 4]))
-    assert bank.fraction == 0.5
+    assert bank.pair_share == 0.5
     opts = data_options("sinkhorn", "t2i", train, gallery, True, bank, target_bank=True)
     assert torch.allclose(opts["gallery_weights"],
                           expected_texts_per_image(train.image, train.text_item, gallery.image) * 0.5)
@@ -515,14 +532,18 @@ def test_stage_target_bank_puts_both_galleries_on_one_scale_of_bank_queries():
     assert data_options("sinkhorn", "t2i", train, gallery, False, bank, True)["gallery_weights"].tolist() == [0.5] * 4
     assert data_options("sinkhorn", "t2i", train, gallery, True, bank, target_bank=False).keys() == {"gallery_weights"}
     assert data_options("dsl", "t2i", train, gallery, True, bank, target_bank=True) == {}
-    # image->text, a bank of 1 of 3 training images: its two texts weigh 1, each of the 5 test texts 1/3
-    i2t = data_options("sinkhorn", "i2t", train, gallery, True, Bank(train, "i2t", torch.tensor([1])), True)
-    assert i2t["bank_gallery"].shape == (1, 2) and i2t["bank_gallery_weights"].tolist() == [1.0, 1.0]
-    assert torch.allclose(i2t["gallery_weights"], torch.full((5,), 1 / 3, dtype=torch.float64))
-    assert i2t["bank_weights"].tolist() == [2.0]  # ... and the bank image asks for both (pairs on both sides)
+    # image->text, a bank of 3 of 4 training images with 0, 3 and 1 texts (4 of the split's 6 pairs):
+    # their 4 texts weigh 1 each, each of the 5 test texts 4/6, and each bank row its own texts
+    uneven = split(4, [0, 0, 0, 1, 2, 2])
+    i2t_bank = Bank(uneven, "i2t", torch.tensor([3, 0, 1]))
+    assert i2t_bank.pair_share == 4 / 6
+    i2t = data_options("sinkhorn", "i2t", uneven, gallery, True, i2t_bank, True)
+    assert i2t["bank_gallery"].shape == (3, 4) and i2t["bank_gallery_weights"].tolist() == [1.0] * 4
+    assert torch.allclose(i2t["bank_gallery"], uneven.image[[3, 0, 1]] @ uneven.text[:4].T)
+    assert torch.allclose(i2t["gallery_weights"], torch.full((5,), 4 / 6, dtype=torch.float64))
+    assert i2t["bank_weights"].tolist() == [0.0, 3.0, 1.0]  # in bank order; the text-less image drops out
     assert "bank_weights" not in opts  # text->image: one image per text, rows stay uniform
-    assert "bank_weights" not in data_options("sinkhorn", "i2t", train, gallery, True,
-                                              Bank(train, "i2t", torch.tensor([1])), target_bank=False)
+    assert "bank_weights" not in data_options("sinkhorn", "i2t", uneven, gallery, True, i2t_bank, target_bank=False)
 
 
 def test_draw_bank_keeps_the_rows_the_stage_always_drew():
@@ -535,9 +556,9 @@ def test_draw_bank_keeps_the_rows_the_stage_always_drew():
                             [str(t) for t in range(50)], None, None)
     bank = draw_bank(split, "t2i", 20, seed=7)
     assert bank.rows.tolist() == torch.randperm(50, generator=torch.Generator().manual_seed(7))[:20].tolist()
-    assert torch.equal(bank.queries, split.text[bank.rows]) and bank.fraction == 20 / 50
+    assert torch.equal(bank.queries, split.text[bank.rows]) and bank.pair_share == 20 / 50
     whole = draw_bank(split, "i2t", 30, seed=7)
-    assert whole.rows.tolist() == list(range(30)) and whole.fraction == 1.0
+    assert whole.rows.tolist() == list(range(30)) and whole.pair_share == 1.0
 
 
 def test_stage_with_target_bank_calibrates_test_with_the_banks_own_gallery(tmp_path):
@@ -546,7 +567,7 @@ def test_stage_with_target_bank_calibrates_test_with_the_banks_own_gallery(tmp_p
     from cmr.io import read_json
     from cmr.stages.calibrate import run
 
-    splits = _saved_hub_splits(tmp_path, seed=1, sizes=(120, 60, 60))
+    splits = _saved_hub_splits(tmp_path, seed=2, sizes=(120, 60, 60))  # seed 2: validation calibrates both ways
     meta = run(str(tmp_path), "sinkhorn", {"epsilon": [0.05, 0.2]}, "train", 100, 0, "instance", (1, 5, 10),
                str(tmp_path / "cal"), target_bank=True)
     assert meta["target_bank"] and read_json(tmp_path / "cal" / "calibration.json")["target_bank"]
@@ -562,6 +583,27 @@ def test_stage_with_target_bank_calibrates_test_with_the_banks_own_gallery(tmp_p
                            chosen["options"]["epsilon"], gallery_weights=weights).gallery_bias[:60]
     with np.load(tmp_path / "cal" / "test_scores.npz") as z:
         np.testing.assert_allclose(z["t2i"], (test.text @ test.image.T + bias[None, :]).numpy(), atol=1e-5)
+    # image->text: 100 of 120 bank images, rows weighted by their texts, their texts as extra columns,
+    # each test text weighted by the bank's share of the training pairs
+    chosen_i2t = meta["chosen"]["i2t"]
+    assert chosen_i2t["method"] == "sinkhorn"
+    images = torch.randperm(120, generator=torch.Generator().manual_seed(0))[:100]
+    own_texts = torch.nonzero(torch.isin(train.text_item, images)).flatten()
+    pairs = torch.bincount(train.text_item, minlength=120).double()[images]
+    weights = torch.cat([torch.full((60,), len(own_texts) / 180, dtype=torch.float64),
+                         torch.ones(len(own_texts), dtype=torch.float64)])
+    bank_i = train.image[images]
+    bias_i = sinkhorn_biases(torch.cat([bank_i @ test.text.T, bank_i @ train.text[own_texts].T], 1),
+                             chosen_i2t["options"]["epsilon"], gallery_weights=weights,
+                             bank_weights=pairs).gallery_bias[:60]
+    with np.load(tmp_path / "cal" / "test_scores.npz") as z:
+        np.testing.assert_allclose(z["i2t"], (test.image @ test.text.T + bias_i[None, :]).numpy(), atol=1e-5)
+    # the serving bias: the same bank against the whole gallery (it holds the bank's texts), same row weights
+    from cmr.embeddings import load_gallery
+    whole = load_gallery(str(tmp_path))
+    serving = sinkhorn_biases(bank_i @ whole.text.T, chosen_i2t["options"]["epsilon"], bank_weights=pairs).gallery_bias
+    with np.load(tmp_path / "cal" / "serving_bias.npz") as z:
+        np.testing.assert_allclose(z["text"], serving.numpy(), atol=1e-5)
     plain = run(str(tmp_path), "sinkhorn", {"epsilon": chosen["options"]["epsilon"]}, "train", 100, 0, "instance",
                 (1, 5, 10), str(tmp_path / "plain"))
     assert not plain["target_bank"] and plain["chosen"]["t2i"]["method"] == "sinkhorn"

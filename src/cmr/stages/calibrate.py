@@ -23,7 +23,10 @@ from its nearest training images (:func:`expected_texts_per_image`), never from 
 test queries. Image->text keeps the uniform marginal (each text has one image).
 With ``calibrate.target_bank`` (Sinkhorn, inductive bank) the bank queries' own gallery
 items join the transport problem as extra columns, so a bank query's mass can go to its
-true match instead of being forced onto a test gallery that does not contain it.
+true match instead of being forced onto a test gallery that does not contain it; image->text
+rows then count each bank image's texts, so rows and columns both count (image, text) pairs.
+The serving bias (bank against the whole gallery, which holds the bank's own items) uses
+the same row weights.
 """
 from __future__ import annotations
 
@@ -57,9 +60,14 @@ class Bank:
         return _queries(self.split, self.direction)[self.rows]
 
     @property
-    def fraction(self) -> float:
-        """Share of the split's queries the bank holds (below 1 when ``max_bank`` subsampled it)."""
-        return len(self.rows) / _queries(self.split, self.direction).shape[0]
+    def pair_share(self) -> float:
+        """Share of the split's (image, text) pairs the bank's queries take part in (below 1 when
+        ``max_bank`` subsampled it): its texts' share for t2i, its images' texts' share for i2t."""
+        return float(self.pair_counts().sum()) / self.split.text.shape[0]
+
+    def pair_counts(self) -> torch.Tensor:
+        """[B] each bank query's (image, text) pairs: 1 per text, an image's number of texts."""
+        return bank_positive_counts(self.direction, self.rows, self.split.text_item, self.split.image.shape[0])
 
 
 def draw_bank(split: SplitEmbeddings, direction: str, max_bank: int, seed: int) -> Bank:
@@ -94,12 +102,12 @@ def data_options(method: str, direction: str, train: SplitEmbeddings, gallery: S
     (``estimate_marginal=False`` keeps it uniform, the variant the calibration study compares)
     and, with ``target_bank``, the bank's own gallery as extra columns
     (:func:`cmr.retrieval.calibrate.bank_own_gallery`), both on one scale, the number of bank
-    queries that ask for an item: an own item is asked for by its bank queries; a test item
-    by its expected query count (texts per image, or 1) x the bank's share of its split's
-    queries (below 1 when ``max_bank`` subsampled the bank). With a target bank image->text
-    rows are weighted by their texts (:func:`cmr.retrieval.calibrate.bank_positive_counts`),
-    so both sides count (image, text) pairs; without one the rows stay uniform, as in NCL
-    (weighting them did not help on validation: docs/ncl.md)."""
+    (image, text) pairs the bank takes part in: an own item counts its pairs with bank
+    queries; a test item its expected pairs (texts per image for t2i, 1 for i2t) x the
+    bank's share of its split's pairs (below 1 when ``max_bank`` subsampled the bank). With a
+    target bank image->text rows are weighted by their texts (:meth:`Bank.pair_counts`), so
+    rows count pairs too; without one the rows stay uniform, as in NCL (weighting them did
+    not help on validation: docs/ncl.md)."""
     if method != "sinkhorn":
         return {}
     options = {}
@@ -111,13 +119,16 @@ def data_options(method: str, direction: str, train: SplitEmbeddings, gallery: S
         options["bank_gallery_weights"] = weights
         per_item = options.get("gallery_weights",
                                torch.ones(_gallery(gallery, direction).shape[0], dtype=torch.float64))
-        options["gallery_weights"] = per_item * bank.fraction
-        if direction == "i2t":
-            # an own text is one (bank image, text) pair, so a bank image asks for as many
-            # columns as it has texts: the rows count pairs too (an image without texts drops out)
-            options["bank_weights"] = bank_positive_counts(direction, bank.rows, bank.split.text_item,
-                                                           bank.split.image.shape[0])
+        options["gallery_weights"] = per_item * bank.pair_share
+        options.update(_row_weights(bank))
     return options
+
+
+def _row_weights(bank: Bank) -> dict:
+    """Sinkhorn's ``bank_weights`` when the bank's own items are columns: an own text is one
+    (bank image, text) pair, so a bank image asks for as many columns as it has texts (an
+    image without texts drops out). Text->image rows are one pair each: no option."""
+    return {"bank_weights": bank.pair_counts()} if bank.direction == "i2t" else {}
 
 
 def choose_on_validation(method: str, options: dict, val: SplitEmbeddings, bank_split: SplitEmbeddings | None,
@@ -175,14 +186,15 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
     train = bank_split if query_bank == "train" else load_split(f"{embeddings_dir}/train.npz")
     chosen, calibrated, suffix = calibrate_test(method, options, val, test, train, bank_split, transductive,
                                                 max_bank, seed, level, ks, target_bank=target_bank)
-    banks = {d: draw_bank(bank_split, d, max_bank, seed).queries for d in DIRECTIONS}
+    banks = {d: draw_bank(bank_split, d, max_bank, seed) for d in DIRECTIONS}
     meta = {"method": method, "options": options, "query_bank": query_bank, "suffix": suffix,
             "t2i_gallery_marginal": f"texts per image estimated from the {MARGINAL_NEIGHBOURS} nearest training images"
             if method == "sinkhorn" else None,
             "target_bank": bool(target_bank and method == "sinkhorn" and not transductive),
             "serving_bias_bank": "the query bank against the whole gallery, which already holds the bank's own "
-                                 "items (so no separate target bank)",
-            "bank_sizes": {d: int(banks[d].shape[0]) for d in DIRECTIONS},
+                                 "items (so no separate target bank; image->text rows count each bank image's "
+                                 "texts when target_bank is on)",
+            "bank_sizes": {d: len(banks[d].rows) for d in DIRECTIONS},
             "selection": {"on": "val", "bank": "val (transductive)" if transductive else "train",
                           "criterion": f"sum of R@{{{','.join(map(str, ks))}}} per direction, percent"},
             "chosen": {d: {"method": c.method, "options": c.options, "val_score": c.score} for d, c in chosen.items()},
@@ -193,12 +205,17 @@ def run(embeddings_dir: str, method: str, options: dict, query_bank: str, max_ba
             np.savez(f, t2i=calibrated["t2i"].float().numpy(), i2t=calibrated["i2t"].float().numpy())
         # serving biases: bank queries of the bank split against the whole gallery; when
         # validation kept 'none' in both directions there is nothing to fold into the index.
-        # The whole gallery holds the bank's own items already, so no target bank is added.
+        # The whole gallery holds the bank's own items already, so no target bank is added;
+        # its rows are weighted as the test calibration's were (the same transport layout).
         meta["serving_bias"] = False
         if any(c.method != "none" for c in chosen.values()):
             whole = load_gallery(embeddings_dir)
-            bias = {d: additive_bias(chosen[d].method, banks[d] @ _gallery(whole, d).T,
-                                     {**chosen[d].options, **data_options(chosen[d].method, d, train, whole)})
+
+            def serving_options(d):
+                rows = _row_weights(banks[d]) if meta["target_bank"] and chosen[d].method == "sinkhorn" else {}
+                return {**chosen[d].options, **data_options(chosen[d].method, d, train, whole), **rows}
+
+            bias = {d: additive_bias(chosen[d].method, banks[d].queries @ _gallery(whole, d).T, serving_options(d))
                     for d in DIRECTIONS}
             meta["serving_bias"] = all(b is not None for b in bias.values())
             if meta["serving_bias"]:
