@@ -101,7 +101,7 @@ def data_options(method: str, direction: str, train: SplitEmbeddings, gallery: S
     """Options that follow from the data, per gallery: Sinkhorn's text->image marginal
     (``estimate_marginal=False`` keeps it uniform, the variant the calibration study compares)
     and, with ``target_bank``, the bank's own gallery as extra columns
-    (:func:`cmr.retrieval.calibrate.bank_own_gallery`), both on one scale, the number of bank
+    (:func:`cmr.retrieval.calibrate.bank_own_gallery`), both on one scale, the number of
     (image, text) pairs the bank takes part in: an own item counts its pairs with bank
     queries; a test item its expected pairs (texts per image for t2i, 1 for i2t) x the
     bank's share of its split's pairs (below 1 when ``max_bank`` subsampled the bank). With a
