@@ -46,6 +46,14 @@ def test_unknown_study_names_the_nearest(capsys):
     assert "did you mean 'wikipedia'" in capsys.readouterr().err
 
 
+def test_study_splits_option_is_checked_before_any_work(repo_root, capsys):
+    params = ["--params", str(repo_root / "params.yaml")]
+    assert main([*params, "study", "wikipedia", "--splits", "3"]) == 2
+    assert "study 'wikipedia' has no --splits option" in capsys.readouterr().err
+    assert main([*params, "study", "calibration", "--splits", "0"]) == 2
+    assert "--splits must be a whole number >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_study_runs_through_the_cli_with_overrides(tmp_path, repo_root, shared_datasets, monkeypatch):
     """`cmr --set ... study NAME` reaches the study with the overridden params (a real quick study)."""

@@ -138,12 +138,17 @@ def test_target_check_pairs_each_sinkhorn_with_every_rival_on_the_same_heads():
     assert dual["vs qbnorm se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)  # stdev / sqrt(2) of two values
     assert dual["met"]
     assert not rows["inductive", "i2t", "sinkhorn"]["met"]  # below DSL and QB-Norm
+    # DSL: diffs -5, -2 points, mean -3.5, se 1.5 -> clearly below; QB-Norm: -1, -3, mean -2, se 1 -> -2 + 2 se = 0
+    assert rows["inductive", "i2t", "sinkhorn"]["clearly below"] == ["dsl"]
+    assert dual["clearly below"] == []
     # transductive rows are paired with the transductive rivals, and 'none' is the inductive cell
     tr = rows["transductive", "t2i", "sinkhorn"]
     assert tr["vs dsl"] == pytest.approx(100 * ((0.14 - 0.15) + (0.31 - 0.30)) / 2)
     assert tr["vs none"] == pytest.approx(100 * ((0.14 - 0.10) + (0.31 - 0.30)) / 2)
     text = target_markdown(list(rows.values()))
-    assert text.endswith(f"met in {sum(r['met'] for r in rows.values())} of 6 rows\n")
+    met = sum(r["met"] for r in rows.values())
+    assert text.endswith(f"met in {met} of 6 rows; clearly below a rival in 1 of 6 rows\n")
+    assert "| d | infonce | inductive | i2t | sinkhorn | 1 x 2 | -3.50 ± 1.50 | -2.00 ± 1.00 | +0.00 ± 0.00 | no | dsl |" in text
 
 
 def test_target_check_pairs_within_a_split_and_takes_the_standard_error_over_splits():
@@ -167,6 +172,7 @@ def test_target_check_pairs_within_a_split_and_takes_the_standard_error_over_spl
     assert row["vs dsl se"] == pytest.approx(abs(split_means[0] - split_means[1]) / 2)
     assert row["vs none"] == pytest.approx(100 * (0.03 + 0.03 + 0.04 + 0.02) / 4)
     assert row["met"] is True  # ahead of DSL on split 0 by more than it trails on split 1
+    assert row["clearly below"] == []
 
 
 def test_resplit_gives_each_split_the_features_of_its_own_items(shared_datasets):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 from pathlib import Path
 
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     sy = sub.add_parser("study", help="run a registered study (`cmr list studies`)")
     sy.add_argument("name")
     sy.add_argument("--quick", action="store_true", help="a small version of the study (smoke run)")
+    sy.add_argument("--splits", type=int, metavar="N",
+                    help="random splits per dataset, for studies that take it (calibration: default 20, 1 with --quick)")
     sub.add_parser("metrics", help="the latest evaluation as a short table")
     ls = sub.add_parser("list", help="registered names")
     ls.add_argument("what", choices=("readers", "losses", "calibrators", "indexes", "archs", "studies"))
@@ -146,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             studies = load_all()
             if args.name not in studies:
                 raise CmrError(studies_error(studies, args.name))
-            studies.get(args.name)(load_params(args.params, parse_overrides(args.set)), quick=args.quick)
+            study = studies.get(args.name)
+            extra = {} if args.splits is None else {"splits": args.splits}
+            if extra and "splits" not in inspect.signature(study).parameters:
+                raise CmrError(f"study {args.name!r} has no --splits option")
+            study(load_params(args.params, parse_overrides(args.set)), quick=args.quick, **extra)
             return 0
         if args.cmd == "metrics":
             from cmr.io import read_json
