@@ -236,6 +236,70 @@ def test_bad_options_and_shapes():
         calibrate("sinkhorn", scores, scores, gallery_weights=torch.zeros(6))
 
 
+@pytest.mark.parametrize("name", ["sinkhorn", "dsl", "qbnorm", "inverted_softmax"])
+def test_empty_or_non_finite_inputs_are_named_not_turned_into_nan(name):
+    scores, bank = cosine_scores(4, 6, seed=14), cosine_scores(5, 6, seed=15)
+    with pytest.raises(DataError, match=r"bank: breaks rule 'a non-empty \[N, M\] similarity matrix'.*\(0, 6\)"):
+        calibrate(name, scores, bank[:0])
+    with pytest.raises(DataError, match=r"scores: breaks rule 'a non-empty.*\(4, 0\)"):
+        calibrate(name, scores[:, :0], bank[:, :0])
+    for bad in (float("nan"), float("inf")):
+        broken = bank.clone()
+        broken[1, 2] = bad
+        with pytest.raises(DataError, match=rf"bank\[1, 2\]: breaks rule 'all similarities finite': got {bad}"):
+            calibrate(name, scores, broken)
+        broken = scores.clone()
+        broken[3, 0] = bad
+        with pytest.raises(DataError, match=r"scores\[3, 0\]: breaks rule 'all similarities finite'"):
+            calibrate(name, broken, bank)
+
+
+@pytest.mark.parametrize("name,option", [("dsl", "temperature"), ("qbnorm", "beta"),
+                                         ("inverted_softmax", "beta"), ("sinkhorn", "epsilon")])
+def test_temperatures_must_be_positive(name, option):
+    scores, bank = cosine_scores(4, 6, seed=14), cosine_scores(5, 6, seed=15)
+    for value in (0.0, -0.05):
+        with pytest.raises(ConfigError, match=rf"calibrator '{name}': {option} must be > 0, got {value}"):
+            calibrate(name, scores, bank, **{option: value})
+
+
+def test_plain_pot_sinkhorn_whose_row_underflows_falls_back_to_the_log_domain():
+    """POT's plain Sinkhorn stops after one iteration, with finite scalings, when a row's kernel
+    underflows; the result must still meet both marginals (here via the log domain)."""
+    bank = torch.tensor([[0.1, 0.0, 0.2], [-10.0, -10.0, -10.0], [0.0, 0.3, 0.1]])
+    got = sinkhorn_biases(bank, 0.01, method="sinkhorn")  # stop_thr 1e-2: relative L2 error of each marginal
+    assert got.method == "sinkhorn_log/float64" and got.marginal_error <= 1e-2
+    third = torch.full((3,), 1 / 3, dtype=torch.float64)
+    for marginal in (got.plan.sum(1), got.plan.sum(0)):  # rows were [0.222, 0.0, 0.111] before the fallback
+        assert torch.linalg.norm(marginal - third) / torch.linalg.norm(third) <= 1e-2
+    assert torch.equal(got.gallery_bias, sinkhorn_biases(bank, 0.01, method="sinkhorn_log").gallery_bias)
+
+
+def test_target_bank_weights_may_be_a_list():
+    scores, bank, own = cosine_scores(4, 6, seed=14), cosine_scores(5, 6, seed=15), cosine_scores(5, 3, seed=16)
+    as_list, _ = calibrate("sinkhorn", scores, bank, epsilon=0.1, bank_gallery=own, bank_gallery_weights=[1.0, 2.0, 3.0])
+    as_tensor, _ = calibrate("sinkhorn", scores, bank, epsilon=0.1, bank_gallery=own,
+                             bank_gallery_weights=torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(as_list, as_tensor)
+
+
+def test_transductive_selection_keeps_queries_without_positives_in_the_bank():
+    """As at test time (the stage calibrates every test query, then scores those with positives),
+    a query without positives is not scored but stays in the transductive bank."""
+    scores, _, positives = hub_case(0, n_items=60)
+    positives = positives.clone()
+    positives[:7] = False  # e.g. images without texts in image->text
+    sel = select_calibration("sinkhorn", scores, None, positives, {"epsilon": [0.05, 0.2]}, ks=(1, 5),
+                             transductive=True)
+    keep = positives.any(1)
+    for cand in sel.candidates:
+        out, _ = calibrate(cand["method"], scores, transductive=True, **cand["options"])
+        m = retrieval_metrics(out[keep], positives[keep], ks=(1, 5))
+        assert cand["score"] == pytest.approx(100 * (m["R@1"] + m["R@5"]))
+    dropped, _ = calibrate("sinkhorn", scores[keep], transductive=True, epsilon=0.05)
+    assert not torch.allclose(dropped, calibrate("sinkhorn", scores, transductive=True, epsilon=0.05)[0][keep])
+
+
 def hub_case(seed, n_items=200, dim=32, n_hubs=10, bank_per_item=5):
     """Queries sit near their item; a few 'hub' items sit near the centre of all queries."""
     gen = torch.Generator().manual_seed(seed)

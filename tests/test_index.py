@@ -131,11 +131,33 @@ def test_load_id_map_mismatch_and_missing_file(tmp_path):
         load_index(path)
 
 
+@pytest.mark.parametrize("saved_kind,meta_kind", [("hnsw", "flat"), ("flat", "ivf"), ("ivf", "hnsw")])
+def test_load_rejects_a_meta_kind_that_is_not_the_files_index(tmp_path, saved_kind, meta_kind):
+    """meta.json's kind must name the FAISS index in the file: an approximate index must never load as
+    'flat' (exact), and a kind's search options must never be set on another kind's index."""
+    x = clustered(200)
+    path = build_index(saved_kind, x, [str(i) for i in range(200)]).save(tmp_path / "ix")
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(kind=meta_kind, search_options={})
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=rf"index\.faiss.*kind matches.*meta kind '{meta_kind}' needs"):
+        load_index(path)
+
+
+def test_load_rejects_duplicate_ids(tmp_path):
+    path = saved(tmp_path)
+    ids = json.loads((path / "ids.json").read_text())
+    ids[7] = ids[2]
+    (path / "ids.json").write_text(json.dumps(ids))
+    with pytest.raises(DataError, match=r"ids\.json\[7\].*ids are unique.*is also row 2"):
+        load_index(path)
+
+
 def test_build_rejects_bad_input():
     x = clustered(50)
     with pytest.raises(DataError, match="49 ids for 50 rows"):
         build_index("flat", x, [str(i) for i in range(49)])
-    with pytest.raises(DataError, match=r"ids\[3\].*'0' is also ids\[0\]"):
+    with pytest.raises(DataError, match=r"ids\[3\].*'0' is also row 0"):
         build_index("flat", x, ["0", "1", "2", "0"] + [str(i) for i in range(4, 50)])
     with pytest.raises(ConfigError, match="unknown option 'nprob'.*nprobe"):
         build_index("ivf", x, [str(i) for i in range(50)], nprob=4)
@@ -143,6 +165,16 @@ def test_build_rejects_bad_input():
         build_index("ivf", x, [str(i) for i in range(50)], nlist=100)
     with pytest.raises(DataError, match="queries"):
         build_index("flat", x, [str(i) for i in range(50)]).search(np.zeros((2, 3)), 1)
+    for nlist in (0, -1, 2.5):  # 0 used to mean 'choose for me' silently
+        with pytest.raises(ConfigError, match=f"nlist must be a whole number >= 1.*got {nlist}"):
+            build_index("ivf", x, [str(i) for i in range(50)], nlist=nlist)
+    with pytest.raises(DataError, match=r"embeddings.*at least one row"):
+        build_index("flat", x[:0], [])
+    index = build_index("flat", x, [str(i) for i in range(50)])
+    for k in (0, -3, 1.5):
+        with pytest.raises(ConfigError, match=f"k must be a whole number >= 1, got {k}"):
+            index.search(x[:2], k)
+    assert index.search(x[:2], np.int64(60))[1].shape == (2, 50)  # k above the count: every item
 
 
 def test_index_benchmark_runs_small(capsys):

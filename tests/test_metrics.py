@@ -112,6 +112,18 @@ def test_bad_inputs():
         retrieval_metrics(torch.randn(2, 3), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(DataError, match="finite"):
         retrieval_metrics(torch.tensor([[float("nan"), 1.0]]), torch.tensor([[True, False]]))
+    with pytest.raises(DataError, match=r"scores: breaks rule 'at least one query'.*\(0, 5\)"):
+        retrieval_metrics(torch.zeros(0, 5), torch.zeros(0, 5, dtype=torch.bool))
+
+
+def test_class_positives_take_labels_of_any_dtype():
+    from cmr.retrieval.evaluation import positives_t2i
+
+    labels = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 0, 1]])
+    text_item = torch.tensor([2, 0, 1, 1])
+    want = [[False, True, True], [True, False, False], [False, True, True], [False, True, True]]
+    for dtype in (torch.bool, torch.int64, torch.float32):
+        assert positives_t2i(text_item, 3, "class", labels=labels.to(dtype)).tolist() == want, dtype
 
 
 def test_large_matrix_fits_in_chunks():

@@ -32,7 +32,7 @@ import torch
 
 from cmr.errors import ConfigError, DataError
 from cmr.registry import Registry, nearest
-from cmr.retrieval.sinkhorn import sinkhorn_biases
+from cmr.retrieval.sinkhorn import check_similarities, sinkhorn_biases
 
 CALIBRATORS: Registry[Callable[..., torch.Tensor]] = Registry("calibrator")
 
@@ -60,8 +60,7 @@ def calibrate(name: str, scores: torch.Tensor, bank: torch.Tensor | None = None,
             raise ConfigError(f"calibrator {name!r}: unknown option {key!r}{nearest(key, allowed)}; "
                               f"options: {', '.join(allowed) or 'none'}")
     scores = torch.as_tensor(scores)
-    if scores.dim() != 2:
-        raise DataError("scores", "a [Q, G] matrix", f"got shape {tuple(scores.shape)}")
+    check_similarities(scores, "scores")
     suffix = ""
     if transductive:
         if bank is not None:
@@ -78,6 +77,10 @@ def calibrate(name: str, scores: torch.Tensor, bank: torch.Tensor | None = None,
         if bank.dim() != 2 or bank.shape[1] != scores.shape[1]:
             raise DataError("bank", f"a [B, G] matrix over the same {scores.shape[1]} gallery items",
                             f"got shape {tuple(bank.shape)}")
+        check_similarities(bank, "bank")
+    for key in ("temperature", "beta", "epsilon"):
+        if key in options and not options[key] > 0:
+            raise ConfigError(f"calibrator {name!r}: {key} must be > 0, got {options[key]!r}")
     return fn(scores, bank, **options), suffix
 
 
@@ -120,7 +123,10 @@ def sinkhorn(scores: torch.Tensor, bank: torch.Tensor, epsilon: float = 0.01, ma
         if bank_gallery.dim() != 2 or bank_gallery.shape[0] != bank.shape[0]:
             raise DataError("bank_gallery", f"a [B, G2] matrix over the same {bank.shape[0]} bank queries",
                             f"got shape {tuple(bank_gallery.shape)}")
+        check_similarities(bank_gallery, "bank_gallery")
         n_extra = bank_gallery.shape[1]
+        if bank_gallery_weights is not None:
+            bank_gallery_weights = torch.as_tensor(bank_gallery_weights)
         if bank_gallery_weights is not None and tuple(bank_gallery_weights.shape) != (n_extra,):
             raise DataError("bank_gallery_weights", f"one weight per bank-gallery item ({n_extra})",
                             f"got shape {tuple(bank_gallery_weights.shape)}")
@@ -296,22 +302,22 @@ def select_calibration(name: str, scores: torch.Tensor, bank: torch.Tensor | Non
 
     scores: [Q, G] validation queries against the validation gallery; bank: [B, G] the
     query bank against the same gallery; positives: [Q, G] bool (queries without a
-    positive are left out). The criterion is the sum of R@K in percent. ``none`` is
-    tried first and a later candidate must beat the best so far strictly, so the choice
-    never scores below ``none`` on validation. ``fixed`` options follow from the data
+    positive are not scored, but stay in a transductive bank, as at test time). The
+    criterion is the sum of R@K in percent. ``none`` is tried first and a later
+    candidate must beat the best so far strictly, so the choice never scores below
+    ``none`` on validation. ``fixed`` options follow from the data
     rather than being chosen (Sinkhorn's ``gallery_weights`` for this gallery): passed
     to calibrator ``name``, not recorded in the selection.
     """
     from cmr.retrieval.metrics import retrieval_metrics
 
     keep = positives.any(dim=1)
-    scores, positives = scores[keep], positives[keep]
     tried = [("none", {})] + ([] if name == "none" else [(name, o) for o in option_grid(name, options)])
     rows, best = [], None
     for method, opts in tried:
         extra = (fixed or {}) if method == name else {}
         out, _ = calibrate(method, scores, bank, transductive=transductive, **opts, **extra)
-        metrics = retrieval_metrics(out, positives, ks=tuple(ks))
+        metrics = retrieval_metrics(out[keep], positives[keep], ks=tuple(ks))
         score = 100.0 * sum(metrics[f"R@{k}"] for k in ks)
         rows.append({"method": method, "options": opts, "score": score})
         if best is None or score > best["score"]:

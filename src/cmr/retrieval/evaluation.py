@@ -28,6 +28,7 @@ def positives_t2i(text_item: torch.Tensor, n_items: int, level: str,
     if level == "class":
         if labels is None:
             raise ValueError("class-level evaluation needs labels; this dataset has none")
+        labels = labels.float()  # multi-hot, bool or float
         return (labels[text_item] @ labels.T) > 0
     if level == "identity":
         if identity is None:

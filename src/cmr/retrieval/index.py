@@ -29,9 +29,11 @@ class IndexKind:
     """How to make an empty index of one kind, and how to set its search-time knobs.
 
     make(dim, count, **build_options) -> faiss.Index (untrained, empty);
-    tune(index, **search_options) sets e.g. nprobe; defaults hold each option's default.
+    tune(index, **search_options) sets e.g. nprobe; defaults hold each option's default;
+    classes: the FAISS classes ``make`` can return, checked when an index is loaded.
     """
     make: Callable[..., faiss.Index]
+    classes: tuple[type, ...]
     build_defaults: dict[str, Any]
     search_defaults: dict[str, Any] = field(default_factory=dict)
     tune: Callable[..., None] | None = None
@@ -59,7 +61,11 @@ def _large_blas_blocks():
 
 def _ivf_nlist(count: int, nlist: int | None) -> int:
     # ~4 sqrt(N) lists is FAISS's usual starting point; k-means wants >= 39 points a list.
-    return nlist or max(1, min(int(4 * math.sqrt(count)), count // 39))
+    if nlist is None:
+        return max(1, min(int(4 * math.sqrt(count)), count // 39))
+    if isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1:
+        raise ConfigError(f"index 'ivf': nlist must be a whole number >= 1 (or null to choose it), got {nlist!r}")
+    return nlist
 
 
 def _set_nprobe(index, nprobe: int) -> None:
@@ -70,15 +76,18 @@ def _set_ef_search(index, ef_search: int) -> None:
     index.hnsw.efSearch = int(ef_search)
 
 
-INDEXES.register("flat")(IndexKind(make=lambda dim, count: faiss.IndexFlatIP(dim), build_defaults={}))
+INDEXES.register("flat")(IndexKind(make=lambda dim, count: faiss.IndexFlatIP(dim), classes=(faiss.IndexFlatIP,),
+                                   build_defaults={}))
 INDEXES.register("ivf")(IndexKind(
     make=lambda dim, count, nlist=None: faiss.IndexIVFFlat(
         faiss.IndexFlatIP(dim), dim, _ivf_nlist(count, nlist), faiss.METRIC_INNER_PRODUCT),
+    classes=(faiss.IndexIVFFlat,),
     # On clustered 100k x 512 data (benchmarks/bench_index.py, 1,264 lists) nprobe 32 gave
     # recall@10 1.00 at noise 2.0 but 0.91 at noise 2.5: tune it on your own embeddings.
     build_defaults={"nlist": None}, search_defaults={"nprobe": 32}, tune=_set_nprobe))
 INDEXES.register("hnsw")(IndexKind(
     make=lambda dim, count, M=32, ef_construction=64, storage="flat": _hnsw(dim, M, ef_construction, storage),
+    classes=(faiss.IndexHNSWFlat, faiss.IndexHNSWSQ),
     # ef_search 64: recall@10 0.997 at noise 2.0, 0.89 at noise 2.5 (same benchmark).
     build_defaults={"M": 32, "ef_construction": 64, "storage": "flat"}, search_defaults={"ef_search": 64},
     tune=_set_ef_search, gpu=False))
@@ -171,6 +180,8 @@ class Index:
         queries: [Q, D] numpy or torch. A row of -1 (score -inf) means fewer than k
         items were found (possible with a small nprobe).
         """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"index search: k must be a whole number >= 1, got {k!r}")
         queries = _as_matrix(queries, "queries", self.dim)
         with _large_blas_blocks():
             scores, rows = self.faiss_index.search(queries, int(min(k, self.count)))
@@ -212,13 +223,12 @@ def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto",
     spec = INDEXES.get(kind)
     build, search = _split_options(spec, kind, options)
     x = _as_matrix(embeddings, "embeddings")
+    if len(x) == 0:
+        raise DataError("embeddings", "at least one row to index", f"got shape {x.shape}")
     ids = [str(i) for i in ids]
     if len(ids) != len(x):
         raise DataError("ids", "one id per embedding row", f"{len(ids)} ids for {len(x)} rows")
-    seen: dict[str, int] = {}
-    for row, item in enumerate(ids):
-        if seen.setdefault(item, row) != row:
-            raise DataError(f"ids[{row}]", "ids are unique", f"{item!r} is also ids[{seen[item]}]")
+    _check_unique(ids, "ids")
     if kind == "ivf" and len(x) < _ivf_nlist(len(x), build["nlist"]):
         raise ConfigError(f"index 'ivf': nlist {build['nlist']} is more than the {len(x)} embeddings")
     index = Index(spec.make(x.shape[1], len(x), **build), ids, kind, build, {})
@@ -228,6 +238,13 @@ def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto",
         index.faiss_index.train(x)
     index.faiss_index.add(x)
     return index.tune(**search)
+
+
+def _check_unique(ids: list[str], where: str) -> None:
+    seen: dict[str, int] = {}
+    for row, item in enumerate(ids):
+        if seen.setdefault(item, row) != row:
+            raise DataError(f"{where}[{row}]", "ids are unique", f"{item!r} is also row {seen[item]}")
 
 
 def load_index(directory: str | Path, expect_dim: int | None = None, expect_count: int | None = None,
@@ -266,10 +283,14 @@ def load_index(directory: str | Path, expect_dim: int | None = None, expect_coun
         (expect_count is None or meta["count"] == expect_count, meta_path, "count",
          f"expected {expect_count} items, index has {meta['count']}"),
     ]
+    spec = INDEXES.get(meta["kind"])
+    checks.append((isinstance(index, spec.classes), str(paths[INDEX_FILE]), "kind",
+                   f"meta kind {meta['kind']!r} needs {' or '.join(c.__name__ for c in spec.classes)}, "
+                   f"the file holds {type(index).__name__}"))
     for ok, where, what, detail in checks:
         if not ok:
             raise DataError(where, f"{what} matches", detail)
-    spec = INDEXES.get(meta["kind"])
+    _check_unique([str(i) for i in ids], str(paths[IDS_FILE]))
     loaded = Index(index, [str(i) for i in ids], meta["kind"], meta.get("build_options", {}),
                    meta.get("search_options", {}))
     if _use_gpu(spec, meta["kind"], device):

@@ -82,6 +82,8 @@ def _check(scores: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor,
     if scores.dim() != 2 or scores.shape != positives.shape:
         raise DataError("scores/positives", "both [Q, G] with the same shape",
                         f"got {tuple(scores.shape)} and {tuple(positives.shape)}")
+    if scores.shape[0] == 0:
+        raise DataError("scores", "at least one query", f"got shape {tuple(scores.shape)}")
     if not torch.isfinite(scores).all():
         row = int((~torch.isfinite(scores)).any(1).nonzero()[0])
         raise DataError(f"scores[{row}]", "all scores finite", "found NaN or inf")

@@ -60,6 +60,7 @@ def sinkhorn_biases(bank: torch.Tensor, epsilon: float = 0.01, max_iter: int = 1
         raise ConfigError(f"sinkhorn: unknown method {method!r}; use auto, sinkhorn or sinkhorn_log")
     if omega is not None and not 1.0 <= omega < 2.0:
         raise ConfigError(f"sinkhorn: omega must be in [1, 2) (or null to choose it), got {omega}")
+    check_similarities(bank, "bank")
     if method == "auto":
         dtype = torch.float64 if bank.dtype == torch.float64 else torch.float32
         a = _marginal(bank_weights, bank.shape[0], dtype, bank.device, "bank_weights")
@@ -264,9 +265,23 @@ def _pot_sinkhorn(bank: torch.Tensor, epsilon: float, max_iter: int, stop_thr: f
         if method == "sinkhorn_log":
             raise DataError("bank", "finite Sinkhorn scalings", f"log-domain Sinkhorn diverged at epsilon={epsilon}")
         return _pot_sinkhorn(bank, epsilon, max_iter, stop_thr, gallery_weights, "sinkhorn_log", bank_weights)
-    error = float(torch.linalg.norm(plan.sum(0) - b) / torch.linalg.norm(b))
+    error = max(float(torch.linalg.norm(plan.sum(0) - b) / torch.linalg.norm(b)),
+                float(torch.linalg.norm(plan.sum(1) - a) / torch.linalg.norm(a)))
+    if method == "sinkhorn" and error > stop_thr:
+        # plain Sinkhorn stops early, with finite scalings, once a row's kernel underflows
+        return _pot_sinkhorn(bank, epsilon, max_iter, stop_thr, gallery_weights, "sinkhorn_log", bank_weights)
     return SinkhornResult(plan=plan, bank_bias=epsilon * log_u, gallery_bias=epsilon * log_v - col_max,
                           n_iter=int(log["niter"]) + 1, marginal_error=error, method=f"{method}/float64")
+
+
+def check_similarities(x: torch.Tensor, where: str) -> None:
+    """A non-empty [N, M] matrix of finite similarities, or a DataError naming ``where``."""
+    if x.dim() != 2 or 0 in x.shape:
+        raise DataError(where, "a non-empty [N, M] similarity matrix", f"got shape {tuple(x.shape)}")
+    finite = torch.isfinite(x)
+    if not finite.all():
+        row, col = (int(i) for i in (~finite).nonzero()[0])
+        raise DataError(f"{where}[{row}, {col}]", "all similarities finite", f"got {float(x[row, col])}")
 
 
 def _marginal(weights, n: int, dtype, device, name: str) -> torch.Tensor:
