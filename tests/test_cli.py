@@ -1,4 +1,6 @@
 """The `cmr` command line: registries, errors that name what is wrong, exit codes."""
+import json
+
 import pytest
 import yaml
 
@@ -41,6 +43,59 @@ def test_metrics_table_prints_percentages_per_row():
                                                                       "32.0"]
 
 
+def _params_file(tmp_path, repo_root, **paths):
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["paths"].update({k: str(v) for k, v in paths.items()})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return ["--params", str(tmp_path / "params.yaml")]
+
+
+def test_bad_params_and_overrides_are_one_line_errors(tmp_path, repo_root, capsys):
+    params = _params_file(tmp_path, repo_root)
+    cases = [
+        (["--set", "seed.x=1", "metrics"], "--set seed.x: 'seed' is a value, not a section"),
+        (["--set", "data.reader.x=1", "metrics"], "--set data.reader.x: 'data.reader' is a value, not a section"),
+        (["--set", "finetune.epochs=[", "metrics"], "--set 'finetune.epochs=[': the value is not valid YAML"),
+        (["--set", "evaluate.ks=[0]", "metrics"], "--set: 'evaluate.ks.0': Input should be greater than or equal to 1"),
+        (["--set", "evaluate.ks=[]", "metrics"], "--set: 'evaluate.ks': Tuple should have at least 1 item"),
+    ]
+    for argv, message in cases:
+        assert main([*params, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("cmr: error: ") and message in err, (argv, err)
+    assert main(["--params", str(tmp_path), "metrics"]) == 2
+    assert f"{tmp_path}: is a folder, not a settings file" in capsys.readouterr().err
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    assert main(["--params", str(tmp_path / "list.yaml"), "--set", "seed=1", "metrics"]) == 2
+    assert "the top level must be a mapping of sections, got list" in capsys.readouterr().err
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00s\x00e")
+    assert main(["--params", str(tmp_path / "binary.yaml"), "metrics"]) == 2
+    assert "binary.yaml: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_metrics_names_a_corrupt_or_stale_metrics_file(tmp_path, repo_root, capsys):
+    metrics = tmp_path / "metrics.json"
+    params = _params_file(tmp_path, repo_root, metrics=metrics, calibration=tmp_path / "no-calibration")
+    m = {f"{d}/R@{k}": k / 100 for d in ("t2i", "i2t") for k in (1, 5, 10)} | {"rsum": 32.0}
+    cases = [('{"val": {', f"{metrics}:1: breaks rule 'valid JSON'"),
+             ("[1, 2]", f"{metrics}: breaks rule 'a JSON object': got list"),
+             (json.dumps({"val": m}), f"{metrics}: breaks rule 'written by the evaluate stage with evaluate.ks [1, 5, 10]'")]
+    for text, message in cases:
+        metrics.write_text(text)
+        assert main([*params, "metrics"]) == 2
+        assert message in capsys.readouterr().err
+    metrics.write_text(json.dumps({"val": m, "test": {"none": m}, "random": m}))
+    assert main([*params, "metrics"]) == 0
+    capsys.readouterr()
+    assert main([*params, "--set", "evaluate.ks=[1, 2]", "metrics"]) == 2  # ks the file was not written with
+    assert "no 't2i/R@2'" in capsys.readouterr().err
+
+
+def test_search_k_must_be_positive(capsys):
+    assert main(["search", "a red apple", "--k", "0"]) == 2
+    assert "--k must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_unknown_study_names_the_nearest(capsys):
     assert main(["study", "wikipedai"]) == 2
     assert "did you mean 'wikipedia'" in capsys.readouterr().err
@@ -50,8 +105,9 @@ def test_study_splits_option_is_checked_before_any_work(repo_root, capsys):
     params = ["--params", str(repo_root / "params.yaml")]
     assert main([*params, "study", "wikipedia", "--splits", "3"]) == 2
     assert "study 'wikipedia' has no --splits option" in capsys.readouterr().err
-    assert main([*params, "study", "calibration", "--splits", "0"]) == 2
-    assert "--splits must be a whole number >= 1, got 0" in capsys.readouterr().err
+    for bad in ("0", "99999999999999999999"):
+        assert main([*params, "study", "calibration", "--splits", bad]) == 2
+        assert f"--splits must be a whole number from 1 to 1000, got {bad}" in capsys.readouterr().err
 
 
 @pytest.mark.slow

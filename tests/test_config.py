@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from cmr.config import Params, load_params, parse_params
-from cmr.errors import ConfigError
+from cmr.errors import CmrError, ConfigError
 from cmr.registry import Registry
 
 
@@ -54,6 +54,11 @@ def test_registry_errors_suggest_nearest():
     r.register("infonce")(object)
     with pytest.raises(KeyError, match="did you mean 'infonce'"):
         r.get("infonse")
+    # a setting's unknown name is a CmrError, so the CLI prints one line and exits 2 (not a traceback)
+    with pytest.raises(CmrError, match=r"^unknown loss 'infonse' \(did you mean 'infonce'\?\); registered: infonce$"):
+        r.get("infonse")
+    with pytest.raises(CmrError, match=r"unknown loss \['infonce'\]"):  # a YAML list where a name belongs
+        r.get(["infonce"])
     with pytest.raises(KeyError, match="registered twice"):
         r.register("infonce")(object)
 
@@ -101,3 +106,14 @@ def test_cli_stage_error_exits_nonzero_with_a_named_key(repo_root, capsys):
 
     assert main(["--params", str(repo_root / "params.yaml"), "--set", "data.readr=x", "stage", "ingest"]) == 2
     assert "data.readr" in capsys.readouterr().err
+
+
+def test_register_metric_must_be_one_of_the_metrics(tmp_path):
+    from cmr.tracking.mlflow_log import log_pipeline_run
+
+    uri = f"sqlite:///{tmp_path / 'never.db'}"
+    with pytest.raises(ConfigError, match=r"register metric 'val/bogus' is not in the metrics; have val/rsum, val/t2i/R@1"):
+        log_pipeline_run(uri=uri, experiment="x", run_name="r", params={}, metrics={"val": {"rsum": 1.0, "t2i/R@1": 0.1}},
+                         histories={}, artifacts={}, model_dir=str(tmp_path), tags={}, model_name="m", alias="a",
+                         select_metric="val/bogus", rescore=lambda uri: 0.0, pip_requirements=[])
+    assert not (tmp_path / "never.db").exists()  # nothing logged, no half-made run

@@ -168,6 +168,13 @@ def test_build_rejects_bad_input():
     for nlist in (0, -1, 2.5):  # 0 used to mean 'choose for me' silently
         with pytest.raises(ConfigError, match=f"nlist must be a whole number >= 1.*got {nlist}"):
             build_index("ivf", x, [str(i) for i in range(50)], nlist=nlist)
+    for kind, option in (("hnsw", {"M": -1}), ("hnsw", {"M": 1}), ("hnsw", {"ef_search": 0}),
+                         ("hnsw", {"ef_construction": 2.5}), ("ivf", {"nprobe": 0})):
+        (key, value), = option.items()  # unchecked, M -1 made FAISS ask for memory until it was killed
+        with pytest.raises(ConfigError, match=f"{key} must be a whole number >= {2 if key == 'M' else 1}, got {value}"):
+            build_index(kind, x, [str(i) for i in range(50)], **option)
+    with pytest.raises(ConfigError, match="nprobe must be a whole number >= 1, got -2"):
+        build_index("ivf", x, [str(i) for i in range(50)], nlist=2).tune(nprobe=-2)
     with pytest.raises(DataError, match=r"embeddings.*at least one row"):
         build_index("flat", x[:0], [])
     index = build_index("flat", x, [str(i) for i in range(50)])

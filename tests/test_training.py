@@ -46,6 +46,34 @@ def test_train_heads_restores_the_validation_best_state(small):
     assert result.best["rsum"] > 0
 
 
+def test_an_unknown_select_metric_is_a_config_error_before_training(small):
+    from cmr.errors import ConfigError
+
+    prepared, _, bundle, feats = small
+    loss = build_loss({"infonce": 1.0}, {}, bundle.model.embed_dim, len(prepared.label_set))
+    with pytest.raises(ConfigError, match=r"select_metric 'val/bogus' is not a validation metric; have .*val/rsum"):
+        train_heads(bundle.model, loss, feats["train"], feats["val"], epochs=1, batch_size=16, lr=3e-3,
+                    weight_decay=0.0, select_metric="val/bogus", seed=0, log=lambda m: None)
+
+
+def test_continuing_a_checkpoint_with_other_model_settings_is_refused(small, tmp_path):
+    from cmr.errors import ConfigError
+    from cmr.models import save_two_tower
+    from cmr.training.fit import fit
+
+    prepared, _, bundle, _ = small
+    save_two_tower(bundle.model, bundle.spec, tmp_path / "pre" / "model")
+    spec = bundle.spec
+    settings = dict(arch=spec.arch, pretrained=spec.pretrained, embed_dim=spec.embed_dim, head=spec.head)
+    for key, other in (("arch", "bogus"), ("embed_dim", spec.embed_dim * 2), ("head", "identity")):
+        with pytest.raises(ConfigError, match=rf"trained with other model settings: model\.{key} {other!r}"):
+            fit(prepared, str(tmp_path / "out"), **(settings | {key: other}), init_dir=str(tmp_path / "pre"),
+                lock_image=True, lock_text=True, losses={"infonce": 1.0}, loss_options={}, epochs=1, batch_size=16,
+                lr=1e-3, weight_decay=0.0, select_metric="val/rsum", seed=0, device="cpu", amp=False,
+                level="instance", ks=(1,), cache_dir=None, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_towers_updates_only_the_unlocked_tower(small):
     prepared, keep, _, _ = small
     bundle = build_two_tower("lite0-minilm", embed_dim=32)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from cmr.config import load_params, parse_overrides
-from cmr.errors import CmrError
+from cmr.errors import CmrError, DataError
 
 STAGES = ("ingest", "validate", "pretrain", "finetune", "encode", "calibrate", "index", "evaluate", "register")
 
@@ -46,18 +46,27 @@ def search(params_path: str, query: str | None, image: str | None, k: int,
     from cmr.models import load_two_tower
     from cmr.retrieval.index import load_index
 
+    if k < 1:
+        raise CmrError(f"--k must be >= 1, got {k}")
     p = load_params(params_path, overrides)
     index_dir = Path(p.paths.index)
     if not (index_dir / "gallery.json").exists():
         raise CmrError(f"{index_dir}: no index yet; run `make run` (or `cmr pipeline`) first")
-    gallery = read_json(index_dir / "gallery.json")
+    gallery = read_json(index_dir / "gallery.json", dict)
+    if not isinstance(gallery.get("texts"), list) or "calibrated" not in gallery:
+        raise DataError(str(index_dir / "gallery.json"), "written by the index stage (texts, calibrated)",
+                        "keys missing; rerun `make run`")
     bundle = load_two_tower(Path(p.paths.finetuned) / "model", device="cpu")
     model = bundle.model.eval()
     with torch.no_grad():
         if image is not None:
-            if not Path(image).exists():
+            if not Path(image).is_file():
                 raise CmrError(f"{image}: image file not found")
-            q = model.encode_image(bundle.preprocess_val(Image.open(image).convert("RGB"))[None])
+            try:
+                picture = Image.open(image).convert("RGB")
+            except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+                raise DataError(image, "a readable image file", str(e)) from None
+            q = model.encode_image(bundle.preprocess_val(picture)[None])
             index = load_index(index_dir / "texts")
         else:
             q = model.encode_text(bundle.tokenizer([query]))
@@ -71,7 +80,15 @@ def search(params_path: str, query: str | None, image: str | None, k: int,
     for score, hit in zip(scores[0].tolist(), list(ids[0])):
         item_id = str(hit).split("#")[0]
         it = by_id.get(item_id)
-        text = gallery["texts"][int(str(hit).split("#")[1])] if "#" in str(hit) else (it.texts[0] if it and it.texts else "")
+        if "#" in str(hit):
+            row = int(str(hit).split("#")[1])
+            if row >= len(gallery["texts"]):
+                raise DataError(str(index_dir / "gallery.json"), "matches the index",
+                                f"the index returned text row {row}, gallery.json has {len(gallery['texts'])}; "
+                                "rerun `make run`")
+            text = gallery["texts"][row]
+        else:
+            text = it.texts[0] if it and it.texts else ""
         hits.append({"score": round(float(score), 4), "id": item_id, "text": text,
                      "image": str(prepared.root / it.image) if it and it.image else None})
     return hits
@@ -162,8 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             path, cal = Path(p.paths.metrics), Path(p.paths.calibration) / "calibration.json"
             if not path.exists():
                 raise CmrError(f"{path}: no metrics yet; run `make run` (or `cmr pipeline`) first")
-            chosen = read_json(cal).get("chosen") if cal.exists() else None
-            print(metrics_table(read_json(path), chosen=chosen))
+            chosen = read_json(cal, dict).get("chosen") if cal.exists() else None
+            try:
+                table = metrics_table(read_json(path, dict), ks=p.evaluate.ks, chosen=chosen)
+            except (KeyError, TypeError, AttributeError) as e:
+                raise DataError(str(path), f"written by the evaluate stage with evaluate.ks {list(p.evaluate.ks)}",
+                                f"no {e}; rerun `make run`") from None
+            print(table)
             return 0
         if args.cmd == "list":
             print("\n".join(_registries()[args.what]))

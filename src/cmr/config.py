@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -74,7 +74,7 @@ class IndexCfg(Section):
 
 
 class EvaluateCfg(Section):
-    ks: tuple[int, ...] = (1, 5, 10)
+    ks: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 5, 10), min_length=1)
     level: Literal["instance", "class", "identity"] = "instance"
 
 
@@ -137,38 +137,48 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+def parse_params(raw: dict, source: str = "params.yaml", overridden: tuple[str, ...] = ()) -> Params:
+    """Validate ``raw``; an error names ``source``, or ``--set`` where the key was in ``overridden``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw or {})
+        return Params.model_validate(raw)
     except ValidationError as e:
         lines = []
         for err in e.errors():
             loc = tuple(err["loc"])
             where = ".".join(str(p) for p in loc)
+            origin = "--set" if any(where == k or where.startswith(k + ".") for k in overridden) else source
             if err["type"] == "extra_forbidden":
                 parent = _model_at(Params, loc)
                 hint = nearest(loc[-1], parent.model_fields) if parent else ""
-                lines.append(f"{source}: unknown key '{where}'{hint}")
+                lines.append(f"{origin}: unknown key '{where}'{hint}")
             else:
-                lines.append(f"{source}: '{where}': {err['msg']} (got {err.get('input')!r})")
+                lines.append(f"{origin}: '{where}': {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("\n".join(lines)) from None
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: " + ("is a folder, not a settings file" if path.is_dir() else "file not found"))
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, last = dotted.split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: '{'.'.join(parents[:depth + 1])}' is a value, not a section")
         node[last] = value
-    return parse_params(raw, str(path))
+    return parse_params(raw, str(path), tuple(overrides or ()))
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -178,5 +188,8 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. finetune.epochs=2")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     return out

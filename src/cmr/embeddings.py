@@ -14,7 +14,7 @@ import torch
 
 from cmr.data.schema import SPLITS
 from cmr.errors import DataError
-from cmr.io import atomic_path
+from cmr.io import atomic_path, read_npz
 
 
 @dataclass
@@ -43,12 +43,18 @@ def load_split(path: str | Path) -> SplitEmbeddings:
     path = Path(path)
     if not path.exists():
         raise DataError(str(path), "embeddings exist", "run the encode stage first")
-    with np.load(path, allow_pickle=False) as z:
-        labels = torch.from_numpy(z["labels"]) if z["labels"].shape[1] else None
-        identity = torch.from_numpy(z["identity"]) if (z["identity"] >= 0).any() else None
-        e = SplitEmbeddings(torch.from_numpy(z["image"]), torch.from_numpy(z["text"]),
-                            torch.from_numpy(z["text_item"]).long(), z["ids"].tolist(), z["texts"].tolist(),
-                            labels, identity)
+    z = read_npz(path, ("image", "text", "text_item", "ids", "texts", "labels", "identity"))
+    labels = torch.from_numpy(z["labels"]) if z["labels"].ndim == 2 and z["labels"].shape[1] else None
+    identity = torch.from_numpy(z["identity"]) if (z["identity"] >= 0).any() else None
+    e = SplitEmbeddings(torch.from_numpy(z["image"]), torch.from_numpy(z["text"]),
+                        torch.from_numpy(z["text_item"]).long(), z["ids"].tolist(), z["texts"].tolist(),
+                        labels, identity)
+    if e.image.dim() != 2 or e.text.dim() != 2 or len(e.text_item) != len(e.text):
+        raise DataError(str(path), "image [N, D], text [T, D] and one text_item per text",
+                        f"image {tuple(e.image.shape)}, text {tuple(e.text.shape)}, text_item {len(e.text_item)}")
+    if len(e.text_item) and not 0 <= int(e.text_item.min()) <= int(e.text_item.max()) < e.image.shape[0]:
+        raise DataError(f"{path}: text_item", f"image rows in [0, {e.image.shape[0]})",
+                        f"got {int(e.text_item.min())}..{int(e.text_item.max())}")
     if e.image.shape[1] != e.text.shape[1]:
         raise DataError(str(path), "image and text embeddings share a dimension",
                         f"image {tuple(e.image.shape)}, text {tuple(e.text.shape)}")

@@ -10,6 +10,12 @@ class ConfigError(CmrError):
     """``params.yaml`` (or an override) breaks the typed schema."""
 
 
+class UnknownNameError(ConfigError, KeyError):
+    """A name no registry holds (a setting's value); also a KeyError, as a lookup by name."""
+
+    __str__ = Exception.__str__  # KeyError would quote the message
+
+
 class DataError(CmrError):
     """Input data breaks a rule. ``where`` names the file and row/field."""
 

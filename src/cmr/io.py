@@ -9,8 +9,13 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
+
+from cmr.errors import DataError
 
 
 @contextlib.contextmanager
@@ -41,8 +46,41 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+def read_json(path: str | os.PathLike, kind: type | None = None) -> Any:
+    """The JSON value in ``path``; a missing, unreadable or malformed file (or, with ``kind``, a
+    value of another type) is a DataError naming the file."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(str(path), "file exists", "missing; run the stage that writes it") from None
+    except IsADirectoryError:
+        raise DataError(str(path), "a JSON file", "is a folder") from None
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), "UTF-8 JSON", f"{e.reason} at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}", "valid JSON", e.msg) from None
+    if kind is not None and not isinstance(value, kind):
+        raise DataError(str(path), f"a JSON {'object' if kind is dict else kind.__name__}",
+                        f"got {type(value).__name__}")
+    return value
+
+
+def read_npz(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Arrays ``keys`` (default: all) of the .npz file ``path``, no pickled objects; a missing,
+    corrupt or incomplete file is a DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "file exists", "missing; run the stage that writes it")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = tuple(z.files) if keys is None else keys
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise DataError(str(path), f"holds arrays {', '.join(keys)}", f"missing {', '.join(missing)}")
+            return {k: z[k] for k in keys}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(str(path), "a readable .npz of plain arrays", str(e).splitlines()[0] or type(e).__name__) from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Generic, Iterator, TypeVar
 
+from cmr.errors import UnknownNameError
+
 T = TypeVar("T")
 
 
@@ -37,8 +39,8 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         try:
             return self._entries[name]
-        except KeyError:
-            raise KeyError(
+        except (KeyError, TypeError):  # TypeError: an unhashable name, e.g. a list from YAML
+            raise UnknownNameError(
                 f"unknown {self.kind} {name!r}{nearest(name, self._entries)}; "
                 f"registered: {', '.join(sorted(self._entries))}"
             ) from None

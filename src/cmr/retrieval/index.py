@@ -123,12 +123,25 @@ def _as_matrix(x, where: str, dim: int | None = None) -> np.ndarray:
     return x
 
 
+# Whole-number options and their smallest valid value (FAISS does not check them: an HNSW
+# graph with M -1 asks for memory until the process is killed).
+_MINIMUM = {"nprobe": 1, "M": 2, "ef_construction": 1, "ef_search": 1}
+
+
+def _check_counts(name: str, options: dict) -> None:
+    for key, low in _MINIMUM.items():
+        value = options.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ConfigError(f"index {name!r}: {key} must be a whole number >= {low}, got {value!r}")
+
+
 def _split_options(kind: IndexKind, name: str, options: dict) -> tuple[dict, dict]:
     known = {**kind.build_defaults, **kind.search_defaults}
     for key in options:
         if key not in known:
             raise ConfigError(f"index {name!r}: unknown option {key!r}{nearest(key, known)}; "
                               f"options: {', '.join(known) or 'none'}")
+    _check_counts(name, options)
     build = {k: options.get(k, v) for k, v in kind.build_defaults.items()}
     search = {k: options.get(k, v) for k, v in kind.search_defaults.items()}
     return build, search
@@ -169,6 +182,7 @@ class Index:
             if key not in kind.search_defaults:
                 raise ConfigError(f"index {self.kind!r}: unknown search option {key!r}; "
                                   f"options: {', '.join(kind.search_defaults) or 'none'}")
+        _check_counts(self.kind, search_options)
         if search_options:
             kind.tune(self.faiss_index, **search_options)
             self.search_options.update(search_options)
@@ -256,10 +270,7 @@ def load_index(directory: str | Path, expect_dim: int | None = None, expect_coun
         if not path.is_file():
             raise DataError(str(path), "index folder has index.faiss, ids.json and meta.json", "file missing")
     meta_path = str(paths[META_FILE])
-    try:
-        meta, ids = read_json(paths[META_FILE]), read_json(paths[IDS_FILE])
-    except json.JSONDecodeError as err:
-        raise DataError(str(directory), "meta.json and ids.json are valid JSON", str(err)) from None
+    meta, ids = read_json(paths[META_FILE], dict), read_json(paths[IDS_FILE], list)
     missing = {"kind", "dim", "count", "metric"} - set(meta)
     if missing:
         raise DataError(meta_path, "meta.json names kind, dim, count, metric", f"missing {sorted(missing)}")

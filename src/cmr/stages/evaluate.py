@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from cmr.embeddings import load_split
-from cmr.io import atomic_path, read_json, write_json
+from cmr.errors import DataError
+from cmr.io import atomic_path, read_json, read_npz, write_json
 from cmr.retrieval.evaluation import both_directions, positives_t2i, score_matrices
 from cmr.retrieval.metrics import recall_curve
 from cmr.config import Params
@@ -39,8 +40,8 @@ def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int]
     method = cal["method"] + cal["suffix"]
     pos = positives_t2i(test.text_item, test.image.shape[0], level, test.labels, test.identity)
     t2i, i2t = score_matrices(test.image, test.text)
-    with np.load(Path(calibration_dir) / "test_scores.npz") as z:
-        c_t2i, c_i2t = torch.from_numpy(z["t2i"]), torch.from_numpy(z["i2t"])
+    z = read_npz(Path(calibration_dir) / "test_scores.npz", ("t2i", "i2t"))
+    c_t2i, c_i2t = torch.from_numpy(z["t2i"]), torch.from_numpy(z["i2t"])
     val_pos = positives_t2i(val.text_item, val.image.shape[0], level, val.labels, val.identity)
     metrics = {
         "val": both_directions(*score_matrices(val.image, val.text), val_pos, ks),
@@ -53,7 +54,9 @@ def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int]
     curves = {f"{d}_{name}": recall_curve(s, p, max_k)
               for name, (a, b) in (("none", (t2i, i2t)), ("calibrated", (c_t2i, c_i2t)))
               for d, s, p in (("t2i", a, pos), ("i2t", b, pos.T))}
-    write_json(metrics_path, metrics)
+    if Path(plots_dir).exists() and not Path(plots_dir).is_dir():
+        raise DataError(plots_dir, "paths.plots is a folder", "it is a file")
+    # both written under temporary names first: a failure leaves the previous metrics and plots
     with atomic_path(Path(plots_dir)) as tmp:
         tmp.mkdir()
         with open(tmp / "recall_at_k.csv", "w", newline="") as f:
@@ -61,6 +64,7 @@ def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int]
             w.writerow(["k", *curves])
             for k in range(1, max_k + 1):
                 w.writerow([k, *(f"{c[k - 1]:.4f}" for c in curves.values())])
+        write_json(metrics_path, metrics)
     chosen = {d: c["method"] for d, c in cal.get("chosen", {}).items()}
     log(f"evaluate: calibration chosen on validation per direction: {chosen}")
     log(f"evaluate: test rsum none={metrics['test']['none']['rsum']:.1f} {method}={metrics['test'][method]['rsum']:.1f}"

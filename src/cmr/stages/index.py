@@ -15,7 +15,7 @@ import torch
 
 from cmr.config import Params
 from cmr.embeddings import load_gallery
-from cmr.io import atomic_path, write_json
+from cmr.io import atomic_path, read_npz, write_json
 from cmr.retrieval.index import build_index
 from cmr.stages._common import log, stage_main
 
@@ -29,7 +29,7 @@ def with_bias(emb: torch.Tensor, bias: torch.Tensor | None) -> np.ndarray:
 def run(embeddings_dir: str, calibration_dir: str, kind: str, options: dict, device: str, out_dir: str) -> dict:
     gallery = load_gallery(embeddings_dir)
     bias_file = Path(calibration_dir) / "serving_bias.npz"
-    bias = dict(np.load(bias_file)) if bias_file.exists() else {}
+    bias = read_npz(bias_file) if bias_file.exists() else {}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         text_ids = [f"{gallery.ids[i]}#{j}" for j, i in enumerate(gallery.text_item.tolist())]

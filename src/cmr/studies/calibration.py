@@ -423,8 +423,8 @@ def run(p: Params, quick: bool = False, out_dir: str | Path | None = None, split
     """The study; ``splits`` random splits per dataset (default 1 with ``quick``, else ``SPLITS_DEFAULT``)."""
     from cmr.tracking.study import log_study
 
-    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
-        raise CmrError(f"calibration study: --splits must be a whole number >= 1, got {splits!r}")
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= 1000):
+        raise CmrError(f"calibration study: --splits must be a whole number from 1 to 1000, got {splits!r}")
     t0 = time.perf_counter()
     device = resolve_device(p.device)
     seeds, epochs, multiples = ((SEEDS[:1], 2, QUICK_MULTIPLES) if quick

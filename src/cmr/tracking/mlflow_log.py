@@ -22,6 +22,7 @@ import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
+from cmr.errors import ConfigError  # noqa: E402
 from cmr.tracking.pyfunc import TwoTowerEncoder  # noqa: E402
 
 
@@ -79,9 +80,12 @@ def log_pipeline_run(*, uri: str, experiment: str, run_name: str, params: dict, 
                      histories: dict[str, list[dict]], artifacts: dict[str, str], model_dir: str,
                      tags: dict[str, str], model_name: str, alias: str, select_metric: str,
                      rescore: Callable[[str], float], pip_requirements: list[str]) -> dict:
+    flat = flatten(metrics)
+    if select_metric not in flat:
+        raise ConfigError(f"register metric {select_metric!r} is not in the metrics; have "
+                          f"{', '.join(k for k in sorted(flat) if k.startswith('val/'))}")
     exp_id = configure(uri, experiment)
     client = MlflowClient()
-    flat = flatten(metrics)
     new_score = flat[select_metric]
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
         mlflow.log_params({k: str(v)[:5000] for k, v in flatten(params, "").items()})

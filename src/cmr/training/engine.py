@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from cmr.errors import ConfigError
 from cmr.losses import LossInputs
 from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.training.features import FeatureSet, _tokens_to, image_batches
@@ -103,7 +104,8 @@ def _select(model, loss_fn, epochs: int, run_epoch: Callable[[int], dict], evalu
     result = TrainResult()
     best = evaluate()
     if key not in best:
-        raise KeyError(f"select_metric {select_metric!r} is not a validation metric; have {sorted(best)}")
+        raise ConfigError(f"select_metric {select_metric!r} is not a validation metric; have "
+                          f"{', '.join('val/' + k for k in sorted(best))}")
     result.best = best
     best_state = (_snapshot(model), _snapshot(loss_fn))
     log(f"epoch 0: val {key}={best[key]:.2f}")

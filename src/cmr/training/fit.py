@@ -13,6 +13,7 @@ import torch
 
 from cmr.data.prepare import Prepared
 from cmr.data.schema import by_split
+from cmr.errors import ConfigError
 from cmr.io import atomic_path, read_json, write_json
 from cmr.losses import LOSSES, build_loss
 from cmr.models import build_two_tower, load_two_tower, save_two_tower
@@ -79,6 +80,13 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
     torch.manual_seed(seed)
     if init_dir:
         bundle = load_two_tower(Path(init_dir) / "model", device=device)
+        # the settings describe the model being continued: a mismatch means a stale checkpoint
+        differ = [f"model.{k} {want!r} (checkpoint: {getattr(bundle.spec, k)!r})"
+                  for k, want in (("arch", arch), ("pretrained", pretrained), ("embed_dim", embed_dim), ("head", head))
+                  if getattr(bundle.spec, k) != want]
+        if differ:
+            raise ConfigError(f"{Path(init_dir) / 'model'} was trained with other model settings: {'; '.join(differ)}; "
+                              "rerun the stage that writes it (`dvc repro` does)")
         bid = backbone_id(Path(init_dir), arch, pretrained)
     else:
         bundle = build_two_tower(arch, pretrained=pretrained, embed_dim=embed_dim, head=head, device=device)
