@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -285,3 +286,125 @@ def test_default_dataset_selection_is_reproducible(shared_datasets):
     ids = make_default_dataset.select(shared_datasets / "openclipart", per_category=220, min_chars=2, max_chars=512)
     committed = [json.loads(line)["id"] for line in (DEFAULT_DATA / "items.jsonl").open(encoding="utf-8")]
     assert ids == committed
+
+
+# ------------------------------------------------------------ bad source files
+
+
+def _items_jsonl(src: Path, tmp_path: Path, n: int, **changes) -> Path:
+    """``tmp_path/items.jsonl``: the first n rows of ``src/items.jsonl``, with ``changes`` applied to row 2."""
+    rows = [json.loads(line) for line in (src / "items.jsonl").read_text(encoding="utf-8").splitlines()[:n]]
+    rows[1].update(changes)
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return tmp_path
+
+
+#: (reader, field, wrong value, expected type named by the rule)
+WRONG_TYPES = [
+    ("openclipart", "title", ["a"], "a string"),
+    ("openclipart", "description", 5, "a string"),
+    ("openclipart", "category", ["a"], "a string"),
+    ("openclipart", "image", 7, "a string"),
+    ("openclipart", "id", 12345, "a string"),
+    ("openclipart", "also_linked_as", "foo/bar", "a list of strings"),
+    ("openclipart", "keywords", "frog", "a list of strings"),
+    ("tuxpaint", "text_en", ["A frog."], "a string"),
+    ("tuxpaint", "sound", 5, "a string"),
+    ("gcompris", "set", ["instruments"], "a string"),
+    ("gcompris", "title", {"en": "x"}, "a string"),
+]
+
+
+@pytest.mark.parametrize("name,field,value,expected", WRONG_TYPES, ids=[f"{r}-{f}" for r, f, _, _ in WRONG_TYPES])
+def test_wrong_field_type_names_file_line_field_and_type(name, field, value, expected, shared_datasets, tmp_path):
+    src = DEFAULT_DATA if name == "openclipart" else shared_datasets / name
+    _items_jsonl(src, tmp_path, 3, **{field: value})
+    with pytest.raises(DataError, match=rf"items\.jsonl:2: breaks rule 'field '{field}' is {expected}'"):
+        READERS.get(name)(tmp_path)
+
+
+def _caption_file(shared: Path, tmp_path: Path, change) -> Path:
+    """A cuhk_pedes caption-files source with 4 real entries; ``change(entries)`` plants a fault."""
+    sample = shared / "cuhk_pedes_sample"
+    entries = json.loads((sample / "captions" / "caption_val.json").read_text(encoding="utf-8"))
+    entries = [e for e in entries if (sample / "images" / e["file_path"]).is_file()][:4]
+    change(entries)
+    (tmp_path / "captions").mkdir(parents=True)
+    (tmp_path / "images").symlink_to(sample / "images")
+    (tmp_path / "captions" / "caption_val.json").write_text(json.dumps(entries), encoding="utf-8")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "change,rule",
+    [
+        (lambda es: es.__setitem__(2, [1, 2]), "each entry is a JSON object"),
+        (lambda es: es[2].update(file_path=5), "field 'file_path' is a string"),
+        (lambda es: es[2].update(id=[7]), "field 'id' is an integer or a string"),
+        (lambda es: es[2].update(captions=5), "field 'captions' is a string or a list"),
+        (lambda es: es[2].update(split="dev"), "split in train/val/test"),  # named here, not only as an item later
+    ],
+    ids=["entry not an object", "file_path", "id", "captions", "split"],
+)
+def test_cuhk_pedes_bad_entry_names_file_and_entry(change, rule, shared_datasets, tmp_path):
+    src = _caption_file(shared_datasets, tmp_path, change)
+    with pytest.raises(DataError, match=rf"caption_val\.json:\[2\]: breaks rule '{re.escape(rule)}"):
+        READERS.get("cuhk_pedes")(src)
+
+
+def test_coco_and_karpathy_wrong_types(shared_datasets, tmp_path):
+    coco = _make_coco(shared_datasets, tmp_path / "coco")
+    path = coco / "annotations" / "captions_train2017.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["annotations"][1]["caption"] = ["a caption"]
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(DataError, match=r"captions_train2017\.json:annotations\[1\]: breaks rule 'field 'caption' is a string'"):
+        READERS.get("coco")(coco)
+    karpathy = _make_karpathy(shared_datasets, tmp_path / "karpathy")
+    path = karpathy / "dataset_coco.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["images"][3]["sentences"] = ["a sentence"]
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(DataError, match=r"dataset_coco\.json:images\[3\]\.sentences\[0\]: breaks rule 'each entry is a JSON object'"):
+        READERS.get("karpathy")(karpathy)
+
+
+def test_features_npz_labels_out_of_range(shared_datasets, tmp_path):
+    with np.load(shared_datasets / "wikipedia_cmr" / "wikipedia_cmr.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["test_label"][7] = 10  # categories has 10 names: 0..9
+    np.savez(tmp_path / "w.npz", **arrays)
+    with pytest.raises(DataError, match=r"w\.npz: breaks rule 'labels are integers 0\.\.C-1': 'test_label' holds 10, C = 10"):
+        READERS.get("features_npz")(tmp_path)
+
+
+def test_not_utf8_names_file_line_and_rule(shared_datasets, tmp_path):
+    text = "".join((DEFAULT_DATA / "items.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:3])
+    (tmp_path / "items.jsonl").write_bytes(text.encode("utf-16"))
+    with pytest.raises(DataError, match=r"items\.jsonl:1: breaks rule 'UTF-8 text'"):
+        READERS.get("openclipart")(tmp_path)
+    lines = text.encode("utf-8").splitlines(keepends=True)
+    (tmp_path / "items.jsonl").write_bytes(lines[0] + lines[1] + b'{"id": "\xe9\xff"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match=r"items\.jsonl:3: breaks rule 'UTF-8 text'"):
+        READERS.get("openclipart")(tmp_path)
+    src = _caption_file(shared_datasets, tmp_path / "pedes", lambda es: None)
+    path = src / "captions" / "caption_val.json"
+    path.write_bytes(path.read_text(encoding="utf-8").encode("utf-16"))
+    with pytest.raises(DataError, match=r"caption_val\.json:1: breaks rule 'UTF-8 text'"):
+        READERS.get("cuhk_pedes")(src)
+
+
+def test_empty_items_jsonl(tmp_path):
+    (tmp_path / "items.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"items\.jsonl: breaks rule 'at least one item': the file is empty"):
+        READERS.get("openclipart")(tmp_path)
+
+
+def test_option_of_wrong_type_is_a_config_error(shared_datasets):
+    src = shared_datasets / "cuhk_pedes_sample"
+    with pytest.raises(ConfigError, match=r"option caption_files='caption_val\.json' must be a list of strings"):
+        READERS.get("cuhk_pedes")(src, caption_files="caption_val.json")
+    with pytest.raises(ConfigError, match="option keep_collection_titles='no' must be a boolean"):
+        READERS.get("openclipart")(DEFAULT_DATA, keep_collection_titles="no")
+    with pytest.raises(ConfigError, match="option splits='test' must be a list of strings or null"):
+        READERS.get("features_npz")(shared_datasets / "pascal_sentence_partial", splits="test")

@@ -176,3 +176,11 @@ def test_bad_arguments():
         assign_splits([Item(id="a", split="dev", texts=("x",))], 0.1, 0.1, seed=0)
     with pytest.raises(DataError, match="for all items or for none"):
         assign_splits(items + [Item(id="b", split="train", texts=("y",))], 0.1, 0.1, seed=0)
+
+
+def test_split_errors_name_the_source():
+    with pytest.raises(DataError, match=r"^data/raw/x: item 'a': breaks rule 'split in train/val/test': split is 'dev'"):
+        assign_splits([Item(id="a", split="dev", texts=("x",))], 0.1, 0.1, seed=0, where="data/raw/x")
+    mixed = [Item(id="a", split="", texts=("x",)), Item(id="b", split="train", texts=("y",))]
+    with pytest.raises(DataError, match=r"^data/raw/x: breaks rule .*e\.g\. item 'b'.*e\.g\. item 'a'"):
+        assign_splits(mixed, 0.1, 0.1, seed=0, where="data/raw/x")

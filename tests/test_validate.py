@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -196,3 +197,57 @@ def test_data_version_tracks_items_media_and_features(small, small_features):
 def test_load_prepared_missing_folder(tmp_path):
     with pytest.raises(DataError, match="dataset.json: breaks rule 'file exists'"):
         load_prepared(tmp_path)
+
+
+# ------------------------------------------------------------ sources too small, prepared files of the wrong types
+
+
+@pytest.mark.parametrize("n_lines", [0, 3])
+def test_too_small_source_fails_ingest_and_keeps_the_old_output(n_lines, small, tmp_path):
+    from cmr.stages import ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "images").symlink_to(DEFAULT_DATA / "images")
+    lines = (DEFAULT_DATA / "items.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)[:n_lines]
+    (src / "items.jsonl").write_text("".join(lines), encoding="utf-8")
+    out = save_prepared(small, tmp_path / "prepared")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rule = "at least one item" if n_lines == 0 else "every split (train, val, test) has at least one item"
+    with pytest.raises(DataError, match=rf"{src}(/items\.jsonl)?: breaks rule '{re.escape(rule)}'") as err:
+        ingest.run("openclipart", str(src), {}, 0.1, 0.15, 0, str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced
+    if n_lines:
+        assert "3 item(s) read" in str(err.value) and "'val': 0" in str(err.value)
+        # a split whose fraction is 0 may stay empty: train and the asked-for splits must hold an item
+        assert prepare_dataset("openclipart", src, {}, 0.0, 0.0, 0).info["counts"] == {"train": 3, "val": 0, "test": 0}
+
+
+@pytest.mark.parametrize(
+    "field,value,rule",
+    [("id", None, "id is a non-empty string"), ("texts", [5], "texts is a list of strings"),
+     ("image", 5, "image is a string (a path) or null"), ("labels", "animals", "labels is a list of strings")],
+)
+def test_prepared_field_of_wrong_type_fails_validate(field, value, rule, small, tmp_path):
+    from cmr.stages import validate
+
+    out = save_prepared(small, tmp_path / "prepared")
+    items_path = out / "items.jsonl"
+    lines = items_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    row = json.loads(lines[6])
+    item_id = row["id"]
+    lines[6] = json.dumps(row | {field: value}) + "\n"
+    items_path.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        validate.run(str(out), 2, 512, str(tmp_path / "report.json"))
+    msg = str(err.value)
+    assert msg.startswith(f"{items_path}:7: breaks rule '{rule}'"), msg
+    assert f"field '{field}'" in msg and (field == "id" or repr(item_id) in msg)
+
+
+def test_prepared_items_not_utf8(small, tmp_path):
+    out = save_prepared(small, tmp_path / "prepared")
+    with open(out / "items.jsonl", "ab") as f:
+        f.write('{"id": "é"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"items\.jsonl:{N_SMALL + 1}: breaks rule 'UTF-8 text'"):
+        load_prepared(out)

@@ -63,15 +63,16 @@ def prepare_dataset(
     seed: int,
 ) -> Prepared:
     """Read ``source`` with ``READERS[reader](source, **options)`` and assign splits
-    (:func:`cmr.data.splits.assign_splits`)."""
+    (:func:`cmr.data.splits.assign_splits`); a split left empty is a DataError."""
     try:
         read = READERS.get(reader)
     except KeyError as e:
         raise ConfigError(f"data.reader: {e.args[0]}") from None
     result = read(Path(source), **dict(options))
     items = assign_splits(
-        result.items, val_fraction, test_fraction, seed, root=result.root, features=result.features
+        result.items, val_fraction, test_fraction, seed, root=result.root, features=result.features, where=str(source)
     )
+    _check_split_sizes(items, val_fraction, test_fraction, str(source))
     features = result.features
     info = {
         "name": result.name,
@@ -87,6 +88,21 @@ def prepare_dataset(
         "data_version": data_version(items, result.root, features),
     }
     return Prepared(items, result.root, features, list(result.label_set), info)
+
+
+def _check_split_sizes(items: list[Item], val_fraction: float, test_fraction: float, where: str) -> None:
+    """Train, and val and test unless their fraction is 0, each hold at least one item:
+    training, model selection and evaluation each need one, and a run would otherwise
+    fail stages later (or replace a good prepared dataset with an empty one)."""
+    counts = split_counts(items)
+    needed = ["train"] + [s for s, f in (("val", val_fraction), ("test", test_fraction)) if f > 0]
+    if any(counts[s] < 1 for s in needed):
+        raise DataError(
+            where,
+            f"every split ({', '.join(needed)}) has at least one item",
+            f"{len(items)} item(s) read, split {counts} with val_fraction={val_fraction}, "
+            f"test_fraction={test_fraction}; a source this small needs more items",
+        )
 
 
 def _portable(root: Path) -> str:

@@ -6,16 +6,20 @@ it returns a :class:`ReadResult`. Readers keep the source's split when it has on
 :func:`cmr.data.splits.assign_splits`' job, so every dataset is split by the same
 leak-free rule. Media paths in items are relative to ``ReadResult.root``.
 
-Bad input raises :class:`~cmr.errors.DataError` naming the file, the row (line or
-element number) or key, and the rule; an unknown option raises
+Bad input (a field of the wrong JSON type, a file that is not UTF-8, no items) raises
+:class:`~cmr.errors.DataError` naming the file, the row (line or element number) or key,
+and the rule; an unknown option, or one of the wrong type, raises
 :class:`~cmr.errors.ConfigError` naming it.
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import io
 import json
 import re
+import types
+import typing
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,19 +50,47 @@ class ReadResult:
 READERS: Registry[Callable[..., ReadResult]] = Registry("reader")
 
 
+def _option_fits(value, hint) -> bool:
+    """True when an option value has the annotated type (str, bool, list[str], X | None)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_option_fits(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (element,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_option_fits(v, element) for v in value)
+    if hint is type(None):
+        return value is None
+    hint = typing.get_origin(hint) or hint  # dict[str, int] -> dict
+    return isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+
+
+def _describe(hint) -> str:
+    """``list[str] | None`` -> 'a list of strings or null'."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    return {str: "a string", bool: "a boolean (true/false)", int: "an integer", type(None): "null"}.get(hint, str(hint))
+
+
 def _reader(name: str):
-    """Register ``fn(source, *, opt=default, ...)``; unknown options become a ConfigError."""
+    """Register ``fn(source, *, opt=default, ...)``; an unknown option, or one of the wrong
+    type (``caption_files: a.json`` where a list is expected), becomes a ConfigError."""
 
     def decorator(fn):
         allowed = [p for p in inspect.signature(fn).parameters if p != "source"]
+        hints = typing.get_type_hints(fn)
 
         @functools.wraps(fn)
         def wrapper(source, **options) -> ReadResult:
-            for key in options:
+            for key, value in options.items():
                 if key not in allowed:
                     raise ConfigError(
                         f"reader {name!r}: unknown option {key!r}{nearest(key, allowed)}; "
                         f"allowed: {', '.join(allowed) or '(none)'}"
+                    )
+                if key in hints and not _option_fits(value, hints[key]):
+                    raise ConfigError(
+                        f"reader {name!r}: option {key}={value!r} must be {_describe(hints[key])}"
                     )
             return fn(Path(source), **options)
 
@@ -71,36 +103,88 @@ def _reader(name: str):
 # ---------------------------------------------------------------- helpers
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line of a JSON-lines file."""
+def _read_text(path: Path) -> str:
+    """The file's text; a missing file or one that is not UTF-8 (UTF-16, binary) is a DataError."""
     if not path.is_file():
         raise DataError(str(path), "file exists", "the reader needs this file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}", "valid JSON", str(e)) from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}", "one JSON object per line")
-            yield lineno, row
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}", "UTF-8 text", f"byte 0x{data[e.start]:02x} at offset {e.start}: {e.reason}") from None
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON-lines file."""
+    # newline=None splits lines as reading the file in text mode would (\n, \r\n, \r)
+    for lineno, line in enumerate(io.StringIO(_read_text(path), newline=None), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}", "valid JSON", str(e)) from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}", "one JSON object per line")
+        yield lineno, row
 
 
 def _load_json(path: Path):
-    if not path.is_file():
-        raise DataError(str(path), "file exists", "the reader needs this file")
+    text = _read_text(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(str(path), "valid JSON", str(e)) from None
 
 
-def _require(row: dict, key: str, where: str):
+#: JSON names of Python types, for messages about a field of the wrong type
+_JSON_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list", dict: "an object"}
+
+
+def _check_type(value, key: str, where: str, kind: type | tuple[type, ...]):
+    """``value`` when it is of ``kind`` (a bool is not an integer here), else a DataError
+    naming the field and the expected type."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(_JSON_TYPES[k] for k in kinds)
+        got = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise DataError(where, f"field '{key}' is {expected}", f"got {got}: {json.dumps(value)[:80]}")
+    return value
+
+
+def _require(row: dict, key: str, where: str, kind: type | tuple[type, ...] = str):
+    """``row[key]``, present, non-empty and of ``kind``."""
     if row.get(key) in (None, ""):
         raise DataError(where, f"field '{key}' present", f"field '{key}' is missing or empty")
-    return row[key]
+    return _check_type(row[key], key, where, kind)
+
+
+def _optional(row: dict, key: str, where: str, kind: type | tuple[type, ...] = str):
+    """``row[key]`` of ``kind``, or None when it is missing or null."""
+    return None if row.get(key) is None else _check_type(row[key], key, where, kind)
+
+
+def _str_list(row: dict, key: str, where: str) -> list[str]:
+    """``row[key]`` as a list of strings; [] when it is missing or null. A bare string is
+    an error, not a list of its characters."""
+    value = row.get(key)
+    if value is None:
+        return []
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise DataError(where, f"field '{key}' is a list of strings", f"got {json.dumps(value)[:80]}")
+    return value
+
+
+def _object(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(where, "each entry is a JSON object", f"got {_JSON_TYPES.get(type(value), type(value).__name__)}")
+    return value
+
+
+def _list_field(data: dict, key: str, where: str) -> list:
+    """``data[key]`` as a list ([] when missing or null)."""
+    return _optional(data, key, where, list) or []
 
 
 def _unique_texts(*texts) -> tuple[str, ...]:
@@ -128,9 +212,12 @@ def _check_unique_ids(items: list[Item], where: str) -> None:
 
 def _from_items_jsonl(source: Path, to_item: Callable[[dict, str], Item | None]) -> ReadResult:
     """Read ``source/items.jsonl`` (the shared-datasets layout) with ``to_item(row, where)``;
-    a None from ``to_item`` drops the row."""
+    a None from ``to_item`` drops the row; a file that gives no item is a DataError."""
     path = source / "items.jsonl"
-    items = [it for lineno, row in _iter_jsonl(path) if (it := to_item(row, f"{path}:{lineno}")) is not None]
+    rows = list(_iter_jsonl(path))
+    items = [it for lineno, row in rows if (it := to_item(row, f"{path}:{lineno}")) is not None]
+    if not items:
+        raise DataError(str(path), "at least one item", f"{len(rows)} row(s), none kept" if rows else "the file is empty")
     _check_unique_ids(items, str(path))
     return ReadResult(items, source, None, _label_set(items), source.name)
 
@@ -200,25 +287,25 @@ def read_openclipart(source: Path, keep_collection_titles: bool = False) -> Read
     """
 
     def to_item(row: dict, where: str) -> Item | None:
-        if not keep_collection_titles and is_collection_title(row.get("title")):
+        title, description = _optional(row, "title", where), _optional(row, "description", where)
+        if not keep_collection_titles and is_collection_title(title):
             return None
-        description = row.get("description")
-        if not (row.get("title") or description):
+        if not (title or description):
             raise DataError(where, "title or description present", "both are missing")
         if description and _NON_DESCRIPTIVE.match(description.strip()):
             description = None
-        texts = _unique_texts(row.get("title"), description)
+        texts = _unique_texts(title, description)
         if not texts:
             return None  # only a non-descriptive description: no caption to learn from
         labels = {_require(row, "category", where)}
-        labels |= {linked.split("/", 1)[0] for linked in row.get("also_linked_as") or ()}
+        labels |= {linked.split("/", 1)[0] for linked in _str_list(row, "also_linked_as", where)}
         return Item(
             id=_require(row, "id", where),
             split="",
             texts=texts,
             labels=tuple(sorted(labels)),
             image=_require(row, "image", where),
-            meta={"keywords": list(row.get("keywords") or ()), "subcategory": row.get("subcategory")},
+            meta={"keywords": _str_list(row, "keywords", where), "subcategory": _optional(row, "subcategory", where)},
         )
 
     return _from_items_jsonl(source, to_item)
@@ -242,8 +329,8 @@ def read_tuxpaint(source: Path, audio_field: str = "sound") -> ReadResult:
             texts=_unique_texts(_require(row, "text_en", where)),
             labels=(_require(row, "category", where),),
             image=_require(row, "image", where),
-            audio=row.get(audio_field),
-            meta={"subcategory": row.get("subcategory")},
+            audio=_optional(row, audio_field, where),
+            meta={"subcategory": _optional(row, "subcategory", where)},
         ),
     )
 
@@ -260,11 +347,11 @@ def read_gcompris(source: Path) -> ReadResult:
         lambda row, where: Item(
             id=_require(row, "id", where),
             split="",
-            texts=_unique_texts(row.get("text"), row.get("title"), row.get("text2")),
+            texts=_unique_texts(*(_optional(row, key, where) for key in ("text", "title", "text2"))),
             labels=(_require(row, "set", where),),
             image=_require(row, "image", where),
-            audio=row.get("sound"),
-            meta={"image_license": row.get("image_license")},
+            audio=_optional(row, "sound", where),
+            meta={"image_license": _optional(row, "image_license", where)},
         ),
     )
 
@@ -297,14 +384,16 @@ def read_coco(source: Path) -> ReadResult:
         image_dir = next((d for d in (Path(name), Path("images") / name) if (source / d).is_dir()), None)
         if image_dir is None:
             raise DataError(str(source / name), "image folder exists", f"neither {name}/ nor images/{name}/ exists")
-        data = _load_json(path)
+        data = _object(_load_json(path), str(path))
         captions: dict[object, list[tuple[int, str]]] = defaultdict(list)
-        for k, ann in enumerate(data.get("annotations") or ()):
+        for k, ann in enumerate(_list_field(data, "annotations", str(path))):
             where = f"{path}:annotations[{k}]"
-            captions[_require(ann, "image_id", where)].append((ann.get("id", k), _require(ann, "caption", where)))
-        for k, img in enumerate(data.get("images") or ()):
+            image_id = _require(_object(ann, where), "image_id", where, (int, str))
+            ann_id = _optional(ann, "id", where, int)
+            captions[image_id].append((k if ann_id is None else ann_id, _require(ann, "caption", where)))
+        for k, img in enumerate(_list_field(data, "images", str(path))):
             where = f"{path}:images[{k}]"
-            image_id = _require(img, "id", where)
+            image_id = _require(_object(img, where), "id", where, (int, str))
             if image_id not in captions:
                 continue  # an image without captions cannot be a retrieval pair
             items.append(
@@ -333,20 +422,26 @@ def read_karpathy(source: Path, image_root: str | None = None) -> ReadResult:
     """
     path = _one_file(source, "dataset_*.json")
     root = path.parent / image_root if image_root else path.parent
-    data = _load_json(path)
+    data = _object(_load_json(path), str(path))
     items = []
-    for k, img in enumerate(data.get("images") or ()):
+    for k, img in enumerate(_list_field(data, "images", str(path))):
         where = f"{path}:images[{k}]"
-        split = _require(img, "split", where)
+        split = _require(_object(img, where), "split", where)
         if split not in ("train", "restval", "val", "test"):
             raise DataError(where, "split in train/restval/val/test", f"split is {split!r}")
         filename = _require(img, "filename", where)
-        rel = f"{img['filepath']}/{filename}" if img.get("filepath") else filename
-        texts = _unique_texts(*(s.get("raw", "").strip() for s in img.get("sentences") or ()))
+        filepath = _optional(img, "filepath", where)
+        rel = f"{filepath}/{filename}" if filepath else filename
+        raw = []
+        for j, sentence in enumerate(_list_field(img, "sentences", where)):
+            w = f"{where}.sentences[{j}]"
+            raw.append((_optional(_object(sentence, w), "raw", w) or "").strip())
+        texts = _unique_texts(*raw)
         meta = {"karpathy_split": split} if split == "restval" else {}
+        imgid = _optional(img, "imgid", where, (int, str))
         items.append(
             Item(
-                id=str(img.get("imgid", rel)),
+                id=str(rel if imgid is None else imgid),
                 split="train" if split == "restval" else split,
                 texts=texts,
                 image=rel,
@@ -378,11 +473,23 @@ def _features_result(
         for m in modalities:
             if m not in arrays:
                 raise DataError(where, "every split has every modality", f"'{split}_{m}' is missing")
-        n = len(labels[split])
+        split_labels = np.asarray(labels[split])
+        if split_labels.ndim != 1:
+            raise DataError(where, "labels are a 1-D array", f"'{split}_label' has shape {split_labels.shape}")
+        if categories is not None:
+            if not np.issubdtype(split_labels.dtype, np.integer):
+                raise DataError(where, "labels are integers 0..C-1", f"'{split}_label' has dtype {split_labels.dtype}")
+            bad = split_labels[(split_labels < 0) | (split_labels >= len(categories))]
+            if bad.size:
+                raise DataError(where, "labels are integers 0..C-1", f"'{split}_label' holds {bad[0]}, C = {len(categories)}")
+        n = len(split_labels)
         for m, arr in arrays.items():
             if arr.ndim != 2 or arr.shape[0] != n:
                 raise DataError(where, "one feature row per label", f"'{split}_{m}' has shape {arr.shape}, {n} labels")
             stacked[m].append(arr)
+        for key, values in row_meta.get(split, {}).items():
+            if np.ndim(values) != 1 or len(values) != n:
+                raise DataError(where, "one value per label", f"'{split}_{key}' has shape {np.shape(values)}, {n} labels")
         for i in range(n):
             raw = labels[split][i]
             label = categories[int(raw)] if categories is not None else str(raw)
@@ -444,11 +551,11 @@ def read_features_mat(source: Path) -> ReadResult:
     mat_path = _one_file(source, "*.mat")
     folder = mat_path.parent
     mat = loadmat(mat_path)
-    categories = (folder / "categories.list").read_text(encoding="utf-8").split()
+    categories = _read_text(folder / "categories.list").split()
     per_split, labels, row_meta = {}, {}, {}
     for split, suffix, list_name in (("train", "tr", "trainset_txt_img_cat.list"), ("test", "te", "testset_txt_img_cat.list")):
         list_path = folder / list_name
-        rows = [line.split("\t") for line in list_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [line.split("\t") for line in _read_text(list_path).splitlines() if line.strip()]
         for lineno, r in enumerate(rows, 1):
             if len(r) != 3 or not r[2].strip().isdigit() or not 1 <= int(r[2]) <= len(categories):
                 raise DataError(f"{list_path}:{lineno}", "text id<TAB>image id<TAB>class 1..C", repr(r))
@@ -479,16 +586,19 @@ def _pedes_item(stem: str, entries: list[tuple[str, dict]], image_dir: str, iden
     texts: list[str] = []
     captions_bt: list[str] = []
     for w, e in entries:
-        texts += _captions_list(_require(e, "captions", w), w)
+        texts += _captions_list(_require(e, "captions", w, (str, list)), w)
         if e.get("captions_bt"):
             captions_bt += _captions_list(e["captions_bt"], w)
-    split = first.get("split") or next((s for s in SPLITS if s in stem), "")
+    split = _optional(first, "split", where)
+    if split and split not in SPLITS:
+        raise DataError(where, "split in train/val/test", f"split is {split!r}")
+    split = split or next((s for s in SPLITS if s in stem), "")
     meta = {"captions_bt": captions_bt} if captions_bt else {}
     return Item(
         id=f"{stem}/{Path(file_path).with_suffix('').as_posix()}" if stem else Path(file_path).with_suffix("").as_posix(),
         split=split,
         texts=_unique_texts(*texts),
-        identity=f"{identity_prefix}{_require(first, 'id', where)}",
+        identity=f"{identity_prefix}{_require(first, 'id', where, (int, str))}",
         image=(Path(image_dir) / file_path).as_posix() if image_dir else file_path,
         meta=meta,
     )
@@ -540,7 +650,7 @@ def read_cuhk_pedes(
         by_image: dict[str, list[tuple[str, dict]]] = defaultdict(list)
         for k, e in enumerate(data):
             where = f"{path}:[{k}]"
-            file_path = _require(e, "file_path", where)
+            file_path = _require(_object(e, where), "file_path", where)
             if not (root / image_dir / file_path).is_file():
                 if skip_missing_images:
                     continue

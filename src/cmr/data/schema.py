@@ -22,6 +22,42 @@ from typing import Iterable, Iterator
 SPLITS = ("train", "val", "test")
 MODALITIES = ("image", "audio", "video", "text")
 
+#: field -> (JSON types it may have, the rule); every field but id and split may also be null
+_FIELD_RULES = {
+    "id": (str, "a non-empty string"),
+    "split": (str, "a string"),
+    "texts": (list, "a list of strings"),
+    "labels": (list, "a list of strings"),
+    "identity": (str, "a string or null"),
+    "image": (str, "a string (a path) or null"),
+    "audio": (str, "a string (a path) or null"),
+    "video": (str, "a string (a path) or null"),
+    "feature_row": (int, "an integer or null"),
+    "meta": (dict, "an object"),
+}
+
+
+class ItemFieldError(ValueError):
+    """A field of a JSON item has the wrong type: ``field``, the ``rule`` it breaks, its ``value``."""
+
+    def __init__(self, field: str, rule: str, value):
+        self.field, self.rule, self.value = field, rule, value
+        super().__init__(f"field '{field}' is {rule}: got {json.dumps(value, default=str)[:80]}")
+
+
+def _check_fields(d: dict) -> None:
+    for name, (kind, rule) in _FIELD_RULES.items():
+        value = d.get(name)
+        if value is None and name not in ("id", "split"):
+            continue
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if ok and name == "texts":
+            ok = all(isinstance(t, str) for t in value)
+        if ok and name == "labels":  # numbers are read as their text, as labels always were
+            ok = all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in value)
+        if not ok or (name == "id" and not value):
+            raise ItemFieldError(name, rule, value)
+
 
 @dataclass(frozen=True)
 class Item:
@@ -45,10 +81,14 @@ class Item:
 
     @classmethod
     def from_json(cls, d: dict) -> "Item":
+        """The item a JSON object describes; a field of the wrong type raises :class:`ItemFieldError`."""
+        if not isinstance(d, dict):
+            raise ValueError(f"an item is a JSON object, got {json.dumps(d, default=str)[:80]}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown item field(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        _check_fields(d)
         d = dict(d)
         d["texts"] = tuple(d.get("texts") or ())
         d["labels"] = tuple(str(x) for x in (d.get("labels") or ()))
@@ -68,16 +108,29 @@ def write_items(path: str | Path, items: Iterable[Item]) -> int:
 
 
 def read_items(path: str | Path) -> list[Item]:
-    """Read ``items.jsonl``; a malformed line raises :class:`cmr.errors.DataError` naming file and line."""
+    """Read ``items.jsonl``; a malformed line raises :class:`cmr.errors.DataError` naming file and
+    line (and, for a field of the wrong type, the field, the rule and the item id)."""
     from cmr.errors import DataError
 
+    if not Path(path).is_file():
+        raise DataError(str(path), "file exists", "not a prepared dataset folder")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so a line that is not UTF-8 is named exactly
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}", "UTF-8 text", f"byte 0x{raw[e.start]:02x}: {e.reason}") from None
             if not line.strip():
                 continue
             try:
-                items.append(Item.from_json(json.loads(line)))
+                d = json.loads(line)
+                items.append(Item.from_json(d))
+            except ItemFieldError as e:
+                raise DataError(
+                    f"{path}:{lineno}", f"{e.field} is {e.rule}",
+                    f"field '{e.field}' of item {d.get('id')!r} ({json.dumps(e.value, default=str)[:80]})",
+                ) from None
             except (ValueError, TypeError) as e:
                 raise DataError(f"{path}:{lineno}", "item schema", str(e)) from None
     return items

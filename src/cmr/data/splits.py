@@ -108,6 +108,7 @@ def assign_splits(
     *,
     root: str | Path | None = None,
     features: dict[str, np.ndarray] | None = None,
+    where: str = "items",
 ) -> list[Item]:
     """Give every item a split in train/val/test, keeping content groups together.
 
@@ -121,7 +122,7 @@ def assign_splits(
 
     ``root`` is the folder media paths are relative to (files are compared by content);
     ``features`` are the (N, D) arrays ``feature_row`` points into. Returns new items in
-    the input order.
+    the input order. ``where`` (the source) prefixes error messages.
     """
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise ConfigError(
@@ -129,10 +130,15 @@ def assign_splits(
         )
     for it in items:
         if it.split not in ("",) + SPLITS:
-            raise DataError(f"item {it.id!r}", "split in train/val/test", f"split is {it.split!r}")
+            raise DataError(f"{where}: item {it.id!r}", "split in train/val/test", f"split is {it.split!r}")
     sourced = {it.split for it in items} - {""}
     if sourced and any(it.split == "" for it in items):
-        raise DataError("items", "split given for all items or for none", f"some have {sorted(sourced)}, some none")
+        with_split = next(it.id for it in items if it.split)
+        without = next(it.id for it in items if not it.split)
+        raise DataError(
+            where, "split given for all items or for none",
+            f"some have {sorted(sourced)} (e.g. item {with_split!r}), some none (e.g. item {without!r})",
+        )
 
     group = content_groups(content_keys(items, root, features))
     members: dict[int, list[int]] = defaultdict(list)
