@@ -117,3 +117,12 @@ def test_register_metric_must_be_one_of_the_metrics(tmp_path):
                          histories={}, artifacts={}, model_dir=str(tmp_path), tags={}, model_name="m", alias="a",
                          select_metric="val/bogus", rescore=lambda uri: 0.0, pip_requirements=[])
     assert not (tmp_path / "never.db").exists()  # nothing logged, no half-made run
+
+
+def test_a_key_given_twice_in_params_is_an_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 0\npretrain:\n  epochs: 3\n  lr: 0.001\n  epochs: 8\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: not valid YAML: key 'epochs' appears twice \(lines 3 and 5\)"):
+        load_params(path)
+    path.write_text("seed: 0\npretrain:\n  epochs: 3\nfinetune:\n  epochs: 8\n")  # same key, other sections
+    assert (load_params(path).pretrain.epochs, load_params(path).finetune.epochs) == (3, 8)
