@@ -44,7 +44,7 @@ def test_read_npz_names_the_file_and_the_rule(tmp_path):
         read_npz(path, ("a",))
 
 
-def test_embeddings_with_text_items_out_of_range_are_rejected(tmp_path):
+def test_embeddings_that_break_their_layout_are_rejected(tmp_path):
     path = tmp_path / "test.npz"
     fields = dict(image=np.zeros((2, 4), np.float32), text=np.zeros((3, 4), np.float32), text_item=np.array([0, 1, 2]),
                   ids=np.array(["a", "b"]), texts=np.array(["x", "y", "z"]), labels=np.zeros((2, 0), np.float32),
@@ -54,6 +54,11 @@ def test_embeddings_with_text_items_out_of_range_are_rejected(tmp_path):
         load_split(path)
     np.savez(path, **(fields | {"text_item": np.array([0, 1, 1])}))
     assert load_split(path).text_item.tolist() == [0, 1, 1]
+    text = fields["text"].copy()
+    text[2, 1] = np.nan
+    np.savez(path, **(fields | {"text_item": np.array([0, 1, 1]), "text": text}))
+    with pytest.raises(DataError, match=rf"{path}: text\[2\]: breaks rule 'all embedding values finite'"):
+        load_split(path)
     np.savez(path, **{k: v for k, v in fields.items() if k != "texts"})
     with pytest.raises(DataError, match="missing texts"):
         load_split(path)

@@ -52,6 +52,10 @@ def load_split(path: str | Path) -> SplitEmbeddings:
     if e.image.dim() != 2 or e.text.dim() != 2 or len(e.text_item) != len(e.text):
         raise DataError(str(path), "image [N, D], text [T, D] and one text_item per text",
                         f"image {tuple(e.image.shape)}, text {tuple(e.text.shape)}, text_item {len(e.text_item)}")
+    for name, emb in (("image", e.image), ("text", e.text)):
+        bad = (~torch.isfinite(emb)).any(dim=1).nonzero()
+        if len(bad):
+            raise DataError(f"{path}: {name}[{int(bad[0])}]", "all embedding values finite", "found NaN or inf")
     if len(e.text_item) and not 0 <= int(e.text_item.min()) <= int(e.text_item.max()) < e.image.shape[0]:
         raise DataError(f"{path}: text_item", f"image rows in [0, {e.image.shape[0]})",
                         f"got {int(e.text_item.min())}..{int(e.text_item.max())}")
