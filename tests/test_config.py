@@ -126,3 +126,13 @@ def test_a_key_given_twice_in_params_is_an_error(tmp_path):
         load_params(path)
     path.write_text("seed: 0\npretrain:\n  epochs: 3\nfinetune:\n  epochs: 8\n")  # same key, other sections
     assert (load_params(path).pretrain.epochs, load_params(path).finetune.epochs) == (3, 8)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("alias", "a/b", "String should match pattern"), ("alias", "latest", "reserved by MLflow"),
+    ("alias", "V12", "reserved by MLflow"), ("model_name", "it's", "String should match pattern"),
+    ("model_name", "a/b", "String should match pattern")])
+def test_registry_names_follow_mlflows_rules(key, value, message):
+    with pytest.raises(ConfigError, match=rf"'register\.{key}': .*{message}"):
+        parse_params({"register": {key: value}})
+    assert parse_params({"register": {"alias": "prod-2", "model_name": "cmr.v2_test"}}).register.alias == "prod-2"

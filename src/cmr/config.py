@@ -6,12 +6,13 @@ functions take explicit arguments.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cmr.errors import ConfigError
 from cmr.registry import nearest
@@ -79,9 +80,18 @@ class EvaluateCfg(Section):
 
 
 class RegisterCfg(Section):
-    model_name: str = "cmr-default"
+    #: MLflow registered model name: letters, digits, '_', '-', '.' (it is quoted in registry searches)
+    model_name: str = Field("cmr-default", pattern=r"^[A-Za-z0-9][\w.\-]*$", max_length=200)
     metric: str = "val/rsum"
-    alias: str = "champion"
+    #: MLflow's alias rule: letters, digits, '_' and '-', not 'latest' and not a version like 'v3'
+    alias: str = Field("champion", pattern=r"^[\w\-]+$", max_length=255)
+
+    @field_validator("alias")
+    @classmethod
+    def _not_reserved(cls, alias: str) -> str:
+        if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+            raise ValueError("'latest' and version names like 'v3' are reserved by MLflow")
+        return alias
 
 
 class TrackingCfg(Section):

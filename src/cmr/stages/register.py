@@ -6,9 +6,11 @@ the validation metric (see :mod:`cmr.tracking.mlflow_log`).
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 
 from cmr.config import Params
 from cmr.data.prepare import load_prepared
@@ -41,14 +43,16 @@ def rescore_on_val(model_uri: str, prepared_dir: str, level: str, ks, metric: st
     return evaluate_embeddings(img, txt, fs.text_item, level, fs.labels, fs.identity, ks)[metric.removeprefix("val/")]
 
 
-def run(p: Params, params_path: str = "params.yaml") -> dict:
+def run(p: Params) -> dict:
     paths = p.paths
     metrics = read_json(paths.metrics)
     prepared_info = load_prepared(paths.prepared).info
     commit, dirty = git_commit()
     tags = {"git_commit": commit, "git_dirty": str(dirty), "data_version": prepared_info["data_version"],
-            "dataset": p.data.reader, "dvc_data_md5": str(dvc_dep_hash("dvc.lock", "ingest", p.data.source)),
-            "calibration": p.calibrate.method, "query_bank": p.calibrate.query_bank}
+            "dataset": p.data.reader, "dvc_data_md5": dvc_dep_hash("dvc.lock", "ingest", p.data.source) or "none (not run by dvc repro)",
+            "calibration": p.calibrate.method, "query_bank": p.calibrate.query_bank,
+            # validation scores are comparable only under the same evaluation settings
+            "eval_settings": f"{p.evaluate.level} ks={list(p.evaluate.ks)}"}
     calibration = read_json(Path(paths.calibration) / "calibration.json")
     for direction, choice in calibration.get("chosen", {}).items():
         tags[f"calibration_chosen_{direction}"] = f"{choice['method']} {choice['options']}"
@@ -57,19 +61,23 @@ def run(p: Params, params_path: str = "params.yaml") -> dict:
     device = resolve_device(p.device)
     from cmr.tracking.mlflow_log import log_pipeline_run
 
-    out = log_pipeline_run(
-        uri=p.tracking.uri, experiment=p.tracking.experiment, run_name=f"pipeline@{commit[:8]}",
-        params=p.model_dump(mode="json") | {"params_file": params_path}, metrics=metrics,
-        histories=histories,
-        artifacts={"validation": paths.validation, "plots": paths.plots, "metrics": paths.metrics,
-                   "calibration": str(Path(paths.calibration) / "calibration.json"), "params": params_path,
-                   "dvc": "dvc.lock"},
-        model_dir=paths.finetuned, tags=tags, model_name=p.register.model_name, alias=p.register.alias,
-        select_metric=p.register.metric,
-        rescore=lambda uri: rescore_on_val(uri, paths.prepared, p.evaluate.level, p.evaluate.ks, p.register.metric,
-                                           device, paths.cache),
-        pip_requirements=PIP_REQUIREMENTS,
-    )
+    settings = p.model_dump(mode="json")
+    with tempfile.TemporaryDirectory() as tmp:
+        # the settings in effect (any --params file, any --set), not whatever params.yaml holds
+        effective = Path(tmp) / "params.yaml"
+        effective.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+        out = log_pipeline_run(
+            uri=p.tracking.uri, experiment=p.tracking.experiment, run_name=f"pipeline@{commit[:8]}",
+            params=settings, metrics=metrics, histories=histories,
+            artifacts={"validation": paths.validation, "plots": paths.plots, "metrics": paths.metrics,
+                       "calibration": str(Path(paths.calibration) / "calibration.json"), "params": str(effective),
+                       "dvc": "dvc.lock"},
+            model_dir=paths.finetuned, tags=tags, model_name=p.register.model_name, alias=p.register.alias,
+            select_metric=p.register.metric,
+            rescore=lambda uri: rescore_on_val(uri, paths.prepared, p.evaluate.level, p.evaluate.ks,
+                                               p.register.metric, device, paths.cache),
+            pip_requirements=PIP_REQUIREMENTS,
+        )
     write_json(paths.registry, out)
     log(f"register: {out['decision']} (run {out['run_id']})")
     return out

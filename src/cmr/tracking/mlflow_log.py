@@ -22,7 +22,7 @@ import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from cmr.errors import ConfigError  # noqa: E402
+from cmr.errors import CmrError, ConfigError  # noqa: E402
 from cmr.tracking.pyfunc import TwoTowerEncoder  # noqa: E402
 
 
@@ -63,17 +63,37 @@ class Decision:
     previous: str | None
 
 
-def champion_score(client: MlflowClient, model_name: str, alias: str, metric: str, data_version: str,
+#: run tags that must match for a champion's logged validation score to be compared as it is
+COMPARABLE_TAGS = ("data_version", "eval_settings")
+#: metrics where a smaller value is better (median and mean rank); the champion rule needs higher-is-better
+LOWER_IS_BETTER = ("MdR", "MnR")
+
+
+def champion_score(client: MlflowClient, model_name: str, alias: str, metric: str, comparable: dict[str, str],
                    rescore: Callable[[str], float]) -> tuple[str | None, float | None, str]:
-    """(champion version, its validation score on the current data, how that score was obtained)."""
+    """(champion version, its validation score on the current data, how that score was obtained).
+
+    The champion's logged score is reused only when its run carries the same ``comparable``
+    tags (data version, evaluation settings); otherwise, or when its run is gone, the
+    registered model is re-scored on the current validation split.
+    """
     try:
         mv = client.get_model_version_by_alias(model_name, alias)
     except MlflowException:
         return None, None, "no champion yet"
-    run = client.get_run(mv.run_id)
-    if run.data.tags.get("data_version") == data_version and metric_key(metric) in run.data.metrics:
-        return mv.version, run.data.metrics[metric_key(metric)], "logged on the same data version"
-    return mv.version, rescore(f"models:/{model_name}/{mv.version}"), "re-scored on the current validation split"
+    try:
+        run = client.get_run(mv.run_id)
+    except MlflowException:
+        run = None  # e.g. deleted and garbage-collected; the registered model files remain
+    if (run is not None and all(run.data.tags.get(k) == v for k, v in comparable.items())
+            and metric_key(metric) in run.data.metrics):
+        return mv.version, run.data.metrics[metric_key(metric)], f"logged with the same {', '.join(comparable)}"
+    try:
+        score = rescore(f"models:/{model_name}/{mv.version}")
+    except (MlflowException, OSError, CmrError) as e:
+        raise CmrError(f"champion v{mv.version} of {model_name!r} (alias {alias!r}) cannot be re-scored: "
+                       f"{str(e).splitlines()[0]}; restore its files or move the alias") from None
+    return mv.version, score, "re-scored on the current validation split"
 
 
 def log_pipeline_run(*, uri: str, experiment: str, run_name: str, params: dict, metrics: dict,
@@ -84,6 +104,9 @@ def log_pipeline_run(*, uri: str, experiment: str, run_name: str, params: dict, 
     if select_metric not in flat:
         raise ConfigError(f"register metric {select_metric!r} is not in the metrics; have "
                           f"{', '.join(k for k in sorted(flat) if k.startswith('val/'))}")
+    if select_metric.endswith(LOWER_IS_BETTER):
+        raise ConfigError(f"register metric {select_metric!r}: lower is better there, the champion rule keeps the "
+                          "higher score; choose an R@K, rsum, mAP or mINP")
     exp_id = configure(uri, experiment)
     client = MlflowClient()
     new_score = flat[select_metric]
@@ -101,24 +124,29 @@ def log_pipeline_run(*, uri: str, experiment: str, run_name: str, params: dict, 
                 mlflow.log_artifacts(str(p), artifact_path=name)
             elif p.exists():
                 mlflow.log_artifact(str(p), artifact_path=name)
+        # the champion's score first: a failure there must not leave a registered version behind
+        prev, prev_score, how = champion_score(client, model_name, alias, select_metric,
+                                               {k: tags.get(k, "") for k in COMPARABLE_TAGS}, rescore)
         info = mlflow.pyfunc.log_model(name="model", python_model=TwoTowerEncoder(),
                                        artifacts={"model_dir": str(Path(model_dir) / "model")},
                                        pip_requirements=pip_requirements, registered_model_name=model_name)
         version = str(info.registered_model_version)
-        prev, prev_score, how = champion_score(client, model_name, alias, select_metric,
-                                               tags.get("data_version", ""), rescore)
-        if prev is None or new_score > prev_score:
-            client.set_registered_model_alias(model_name, alias, version)
-            why = (f"moved to v{version}: {select_metric}={new_score:.4f}" +
-                   ("" if prev is None else f" > champion v{prev}'s {prev_score:.4f} ({how})") +
-                   ("" if prev is not None else " (no champion yet)"))
-            decision = Decision(True, why, version, prev)
-        else:
-            why = (f"kept v{prev}: new v{version} {select_metric}={new_score:.4f} <= champion's "
-                   f"{prev_score:.4f} ({how})")
-            decision = Decision(False, why, version, prev)
-        mlflow.set_tag("champion_decision", decision.reason)
-        client.set_model_version_tag(model_name, version, "champion_decision", decision.reason)
+        try:
+            if prev is None or new_score > prev_score:
+                client.set_registered_model_alias(model_name, alias, version)
+                why = (f"moved to v{version}: {select_metric}={new_score:.4f}" +
+                       ("" if prev is None else f" > champion v{prev}'s {prev_score:.4f} ({how})") +
+                       ("" if prev is not None else " (no champion yet)"))
+                decision = Decision(True, why, version, prev)
+            else:
+                why = (f"kept v{prev}: new v{version} {select_metric}={new_score:.4f} <= champion's "
+                       f"{prev_score:.4f} ({how})")
+                decision = Decision(False, why, version, prev)
+            mlflow.set_tag("champion_decision", decision.reason)
+            client.set_model_version_tag(model_name, version, "champion_decision", decision.reason)
+        except Exception:
+            client.delete_model_version(model_name, version)  # no half-registered version
+            raise
         return {"run_id": run.info.run_id, "experiment_id": exp_id, "model_name": model_name, "version": version,
                 "alias_moved": decision.moved, "decision": decision.reason, "previous_champion": decision.previous,
                 select_metric: new_score}
@@ -132,7 +160,11 @@ def latest_data_version(uri: str, model_name: str) -> str | None:
         versions = client.search_model_versions(f"name='{model_name}'")
     except MlflowException:
         return None
-    if not versions:
-        return None
-    newest = max(versions, key=lambda v: int(v.version))
-    return client.get_run(newest.run_id).data.tags.get("data_version")
+    for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        try:
+            run = client.get_run(version.run_id)
+        except MlflowException:
+            continue  # its run is gone
+        if run.info.status == "FINISHED":  # a version of a run that failed half-way does not count
+            return run.data.tags.get("data_version")
+    return None
