@@ -54,6 +54,9 @@ def test_an_unknown_select_metric_is_a_config_error_before_training(small):
     with pytest.raises(ConfigError, match=r"select_metric 'val/bogus' is not a validation metric; have .*val/rsum"):
         train_heads(bundle.model, loss, feats["train"], feats["val"], epochs=1, batch_size=16, lr=3e-3,
                     weight_decay=0.0, select_metric="val/bogus", seed=0, log=lambda m: None)
+    with pytest.raises(ConfigError, match=r"select_metric 'val/t2i/MnR': lower is better"):
+        train_heads(bundle.model, loss, feats["train"], feats["val"], epochs=1, batch_size=16, lr=3e-3,
+                    weight_decay=0.0, select_metric="val/t2i/MnR", seed=0, log=lambda m: None)
 
 
 def test_continuing_a_checkpoint_with_other_model_settings_is_refused(small, tmp_path):

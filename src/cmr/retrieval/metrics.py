@@ -20,6 +20,8 @@ import torch
 from cmr.errors import DataError
 
 DEFAULT_KS = (1, 5, 10)
+#: metrics where a smaller value is better (median and mean rank of the first positive)
+LOWER_IS_BETTER = ("MdR", "MnR")
 # Rows per chunk are chosen so one chunk holds about this many (query, gallery) cells;
 # the sort of a chunk then needs a few hundred MB at most.
 _CELLS_PER_CHUNK = 1 << 22

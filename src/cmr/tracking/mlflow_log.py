@@ -23,6 +23,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from cmr.errors import CmrError, ConfigError  # noqa: E402
+from cmr.retrieval.metrics import LOWER_IS_BETTER  # noqa: E402
 from cmr.tracking.pyfunc import TwoTowerEncoder  # noqa: E402
 
 
@@ -65,8 +66,6 @@ class Decision:
 
 #: run tags that must match for a champion's logged validation score to be compared as it is
 COMPARABLE_TAGS = ("data_version", "eval_settings")
-#: metrics where a smaller value is better (median and mean rank); the champion rule needs higher-is-better
-LOWER_IS_BETTER = ("MdR", "MnR")
 
 
 def champion_score(client: MlflowClient, model_name: str, alias: str, metric: str, comparable: dict[str, str],
