@@ -130,19 +130,20 @@ def log_pipeline_run(*, uri: str, experiment: str, run_name: str, params: dict, 
                                        artifacts={"model_dir": str(Path(model_dir) / "model")},
                                        pip_requirements=pip_requirements, registered_model_name=model_name)
         version = str(info.registered_model_version)
+        if prev is None or new_score > prev_score:
+            why = (f"moved to v{version}: {select_metric}={new_score:.4f}" +
+                   ("" if prev is None else f" > champion v{prev}'s {prev_score:.4f} ({how})") +
+                   ("" if prev is not None else " (no champion yet)"))
+            decision = Decision(True, why, version, prev)
+        else:
+            why = (f"kept v{prev}: new v{version} {select_metric}={new_score:.4f} <= champion's "
+                   f"{prev_score:.4f} ({how})")
+            decision = Decision(False, why, version, prev)
         try:
-            if prev is None or new_score > prev_score:
-                client.set_registered_model_alias(model_name, alias, version)
-                why = (f"moved to v{version}: {select_metric}={new_score:.4f}" +
-                       ("" if prev is None else f" > champion v{prev}'s {prev_score:.4f} ({how})") +
-                       ("" if prev is not None else " (no champion yet)"))
-                decision = Decision(True, why, version, prev)
-            else:
-                why = (f"kept v{prev}: new v{version} {select_metric}={new_score:.4f} <= champion's "
-                       f"{prev_score:.4f} ({how})")
-                decision = Decision(False, why, version, prev)
             mlflow.set_tag("champion_decision", decision.reason)
             client.set_model_version_tag(model_name, version, "champion_decision", decision.reason)
+            if decision.moved:  # last: until here the old champion keeps its alias
+                client.set_registered_model_alias(model_name, alias, version)
         except Exception:
             client.delete_model_version(model_name, version)  # no half-registered version
             raise
