@@ -74,10 +74,7 @@ def calibrate(name: str, scores: torch.Tensor, bank: torch.Tensor | None = None,
                           "transductive=True to use the test queries (reported as @transductive)")
     if bank is not None:
         bank = torch.as_tensor(bank)
-        if bank.dim() != 2 or bank.shape[1] != scores.shape[1]:
-            raise DataError("bank", f"a [B, G] matrix over the same {scores.shape[1]} gallery items",
-                            f"got shape {tuple(bank.shape)}")
-        check_similarities(bank, "bank")
+        check_similarities(bank, "bank", cols=scores.shape[1])  # the test gallery's items
     for key in ("temperature", "beta", "epsilon"):
         if key in options and not options[key] > 0:
             raise ConfigError(f"calibrator {name!r}: {key} must be > 0, got {options[key]!r}")
@@ -120,10 +117,7 @@ def sinkhorn(scores: torch.Tensor, bank: torch.Tensor, epsilon: float = 0.01, ma
     weights = gallery_weights
     if bank_gallery is not None:
         bank_gallery = torch.as_tensor(bank_gallery)
-        if bank_gallery.dim() != 2 or bank_gallery.shape[0] != bank.shape[0]:
-            raise DataError("bank_gallery", f"a [B, G2] matrix over the same {bank.shape[0]} bank queries",
-                            f"got shape {tuple(bank_gallery.shape)}")
-        check_similarities(bank_gallery, "bank_gallery")
+        check_similarities(bank_gallery, "bank_gallery", rows=bank.shape[0])  # the same bank queries
         n_extra = bank_gallery.shape[1]
         if bank_gallery_weights is not None:
             bank_gallery_weights = torch.as_tensor(bank_gallery_weights)

@@ -59,11 +59,16 @@ def _large_blas_blocks():
         faiss.cvar.distance_compute_blas_database_bs = old
 
 
+def _whole(value, low: int) -> bool:
+    """``value`` is an integer (not a bool) >= ``low``."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
+
+
 def _ivf_nlist(count: int, nlist: int | None) -> int:
     # ~4 sqrt(N) lists is FAISS's usual starting point; k-means wants >= 39 points a list.
     if nlist is None:
         return max(1, min(int(4 * math.sqrt(count)), count // 39))
-    if isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1:
+    if not _whole(nlist, 1):
         raise ConfigError(f"index 'ivf': nlist must be a whole number >= 1 (or null to choose it), got {nlist!r}")
     return nlist
 
@@ -131,7 +136,7 @@ _MINIMUM = {"nprobe": 1, "M": 2, "ef_construction": 1, "ef_search": 1}
 def _check_counts(name: str, options: dict) -> None:
     for key, low in _MINIMUM.items():
         value = options.get(key, low)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        if not _whole(value, low):
             raise ConfigError(f"index {name!r}: {key} must be a whole number >= {low}, got {value!r}")
 
 
@@ -194,7 +199,7 @@ class Index:
         queries: [Q, D] numpy or torch. A row of -1 (score -inf) means fewer than k
         items were found (possible with a small nprobe).
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        if not _whole(k, 1):
             raise ConfigError(f"index search: k must be a whole number >= 1, got {k!r}")
         queries = _as_matrix(queries, "queries", self.dim)
         with _large_blas_blocks():

@@ -17,11 +17,19 @@ from typing import Sequence
 
 import torch
 
-from cmr.errors import DataError
+from cmr.errors import ConfigError, DataError
 
 DEFAULT_KS = (1, 5, 10)
 #: metrics where a smaller value is better (median and mean rank of the first positive)
 LOWER_IS_BETTER = ("MdR", "MnR")
+
+
+def require_higher_is_better(metric: str, setting: str) -> None:
+    """ConfigError when ``metric`` (the value of ``setting``) is one where lower is better: the
+    callers (best epoch, champion) keep the higher score."""
+    if metric.endswith(LOWER_IS_BETTER):
+        raise ConfigError(f"{setting} {metric!r}: lower is better there, the higher score is kept; "
+                          "choose an R@K, rsum, mAP or mINP")
 # Rows per chunk are chosen so one chunk holds about this many (query, gallery) cells;
 # the sort of a chunk then needs a few hundred MB at most.
 _CELLS_PER_CHUNK = 1 << 22

@@ -274,10 +274,13 @@ def _pot_sinkhorn(bank: torch.Tensor, epsilon: float, max_iter: int, stop_thr: f
                           n_iter=int(log["niter"]) + 1, marginal_error=error, method=f"{method}/float64")
 
 
-def check_similarities(x: torch.Tensor, where: str) -> None:
-    """A non-empty [N, M] matrix of finite similarities, or a DataError naming ``where``."""
-    if x.dim() != 2 or 0 in x.shape:
-        raise DataError(where, "a non-empty [N, M] similarity matrix", f"got shape {tuple(x.shape)}")
+def check_similarities(x: torch.Tensor, where: str, rows: int | None = None, cols: int | None = None) -> None:
+    """A non-empty [N, M] matrix of finite similarities (with ``rows`` rows and ``cols``
+    columns where given), or a DataError naming ``where``."""
+    if x.dim() != 2 or 0 in x.shape or (rows is not None and x.shape[0] != rows) or (
+            cols is not None and x.shape[1] != cols):
+        want = f"[{'N' if rows is None else rows}, {'M' if cols is None else cols}]"
+        raise DataError(where, f"a non-empty {want} similarity matrix", f"got shape {tuple(x.shape)}")
     finite = torch.isfinite(x)
     if not finite.all():
         row, col = (int(i) for i in (~finite).nonzero()[0])

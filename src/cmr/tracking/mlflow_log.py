@@ -23,7 +23,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from cmr.errors import CmrError, ConfigError  # noqa: E402
-from cmr.retrieval.metrics import LOWER_IS_BETTER  # noqa: E402
+from cmr.retrieval.metrics import require_higher_is_better  # noqa: E402
 from cmr.tracking.pyfunc import TwoTowerEncoder  # noqa: E402
 
 
@@ -103,9 +103,7 @@ def log_pipeline_run(*, uri: str, experiment: str, run_name: str, params: dict, 
     if select_metric not in flat:
         raise ConfigError(f"register metric {select_metric!r} is not in the metrics; have "
                           f"{', '.join(k for k in sorted(flat) if k.startswith('val/'))}")
-    if select_metric.endswith(LOWER_IS_BETTER):
-        raise ConfigError(f"register metric {select_metric!r}: lower is better there, the champion rule keeps the "
-                          "higher score; choose an R@K, rsum, mAP or mINP")
+    require_higher_is_better(select_metric, "register metric")
     exp_id = configure(uri, experiment)
     client = MlflowClient()
     new_score = flat[select_metric]

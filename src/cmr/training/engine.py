@@ -24,7 +24,7 @@ import torch
 from cmr.errors import ConfigError
 from cmr.losses import LossInputs
 from cmr.retrieval.evaluation import evaluate_embeddings
-from cmr.retrieval.metrics import LOWER_IS_BETTER
+from cmr.retrieval.metrics import require_higher_is_better
 from cmr.training.features import FeatureSet, _tokens_to, image_batches
 
 
@@ -102,9 +102,7 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _select(model, loss_fn, epochs: int, run_epoch: Callable[[int], dict], evaluate: Callable[[], dict],
             select_metric: str, log: Callable[[str], None]) -> TrainResult:
     key = select_metric.removeprefix("val/")
-    if key.endswith(LOWER_IS_BETTER):
-        raise ConfigError(f"select_metric {select_metric!r}: lower is better there, the epoch with the higher "
-                          "score is kept; choose an R@K, rsum, mAP or mINP")
+    require_higher_is_better(select_metric, "select_metric")
     result = TrainResult()
     best = evaluate()
     if key not in best:
