@@ -111,13 +111,16 @@ def metrics_table(metrics: dict, ks=(1, 5, 10), chosen: dict | None = None) -> s
     rows = [("validation (selection)", metrics["val"])]
     rows += [(f"test, {'uncalibrated' if name == 'none' else name}", m) for name, m in metrics["test"].items()]
     rows.append(("test, random ranking", metrics["random"]))
-    head = " ".join(f"{d} R@{k}".rjust(8) for d in ("t2i", "i2t") for k in ks) + "    rsum"
+    # metrics files of other modality pairs name their directions (t2i = query -> gallery)
+    names = metrics.get("pair", {}).get("directions", {"t2i": "t2i", "i2t": "i2t"})
+    head = " ".join(f"{names[d]} R@{k}".rjust(8) for d in ("t2i", "i2t") for k in ks) + "    rsum"
     lines = [" " * 26 + head]
     for name, m in rows:
         cells = " ".join(f"{100 * m[f'{d}/R@{k}']:8.1f}" for d in ("t2i", "i2t") for k in ks)
         lines.append(f"{name:<26}{cells}  {m['rsum']:6.1f}")
     if chosen:
-        picks = ", ".join(f"{d} {c['method']} {c.get('options') or ''}".rstrip() for d, c in sorted(chosen.items()))
+        picks = ", ".join(f"{names.get(d, d)} {c['method']} {c.get('options') or ''}".rstrip()
+                          for d, c in sorted(chosen.items()))
         lines.append(f"calibration chosen on validation: {picks}")
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cmr.errors import ConfigError
 from cmr.registry import nearest
@@ -31,6 +31,48 @@ class DataCfg(Section):
     split_seed: int = 0
     min_text_chars: int = Field(2, ge=1)
     max_text_chars: int = Field(512, ge=1)
+    #: the modality pair: ``gallery`` items are ranked for ``query`` inputs (and back). The item's own
+    #: modality is the gallery; texts (several per item) can only be the query side.
+    gallery: Literal["image", "video", "audio"] = "image"
+    query: Literal["text", "audio", "video", "image"] = "text"
+
+    @model_validator(mode="after")
+    def _distinct_pair(self):
+        if self.gallery == self.query:
+            raise ValueError(f"gallery and query are both {self.gallery!r}; a retrieval pair needs two modalities")
+        return self
+
+
+class MediaCfg(Section):
+    """Audio and video "as images": ``frames`` windows of ``size`` x ``size`` pixels tiled side by side
+    (T = frames); audio becomes a log-mel image of ``n_mels`` bins x frames*size steps. Bounds are
+    checked by the validate stage."""
+
+    frames: int = Field(4, ge=1)
+    size: int = Field(64, ge=8)
+    sample_rate: int = Field(16000, ge=1000)
+    clip_seconds: float = Field(2.0, gt=0)
+    n_mels: int = Field(64, ge=8)
+    min_seconds: float = Field(0.1, ge=0)
+    max_seconds: float = Field(600.0, gt=0)
+    min_sample_rate: int = Field(8000, ge=1)
+    max_sample_rate: int = Field(96000, ge=1)
+    #: an audio file whose RMS level is below this is "silent" (dB relative to full scale)
+    min_rms_dbfs: float = -60.0
+
+
+class CMMixerCfg(Section):
+    """The cross-modal mixer + masked autoencoder ("video and audio are images") when ``model.arch`` is a
+    ``cmmixer-*`` architecture: pretrain = fuse-then-separate MAE, finetune = the retriever."""
+
+    mixer: str = "cutmix"  # a registered mixer: `cmr list mixers`
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    norm_pix_loss: bool = False
+    #: two towers initialised from the encoder (separate copies), or one shared encoder + modality embedding
+    retriever: Literal["two_tower", "shared"] = "two_tower"
+    pool: Literal["cls", "mean"] = "cls"
+    #: pre-train on both modalities (fuse-then-separate) or on one alone (plain MAE, a study baseline)
+    pretrain_on: Literal["both", "gallery", "query"] = "both"
 
 
 class ModelCfg(Section):
@@ -126,7 +168,9 @@ class Params(Section):
     amp: bool = True
     num_workers: int = Field(0, ge=0)
     data: DataCfg = DataCfg()
+    media: MediaCfg = MediaCfg()
     model: ModelCfg = ModelCfg()
+    cmmixer: CMMixerCfg = CMMixerCfg()
     pretrain: TrainCfg = TrainCfg()
     finetune: TrainCfg = TrainCfg()
     calibrate: CalibrateCfg = CalibrateCfg()

@@ -20,6 +20,18 @@ from cmr.retrieval.metrics import retrieval_metrics
 LEVELS = ("instance", "class", "identity")
 
 
+def direction_names(gallery: str = "image", query: str = "text") -> dict[str, str]:
+    """Short names of the two directions for a modality pair, keyed by the internal names.
+
+    Internally ``t2i`` always means query -> gallery and ``i2t`` gallery -> query (the
+    embeddings file keeps the gallery side in ``image`` and the query side in ``text``), so
+    every calibrator and metric works on any pair unchanged. For audio (query) and video
+    (gallery) this gives ``{"t2i": "a2v", "i2t": "v2a"}``; image-text keeps ``t2i``/``i2t``.
+    """
+    g, q = gallery[0], query[0]
+    return {"t2i": f"{q}2{g}", "i2t": f"{g}2{q}"}
+
+
 def positives_t2i(text_item: torch.Tensor, n_items: int, level: str,
                   labels: torch.Tensor | None = None, identity: torch.Tensor | None = None) -> torch.Tensor:
     """Bool [T, N]: is gallery item n relevant to text query t."""

@@ -17,7 +17,7 @@ import torch
 from cmr.embeddings import load_split
 from cmr.errors import DataError
 from cmr.io import atomic_path, read_json, read_npz, write_json
-from cmr.retrieval.evaluation import both_directions, positives_t2i, score_matrices
+from cmr.retrieval.evaluation import both_directions, direction_names, positives_t2i, score_matrices
 from cmr.retrieval.metrics import recall_curve
 from cmr.config import Params
 from cmr.stages._common import log, stage_main
@@ -34,7 +34,9 @@ def random_baseline(positives: torch.Tensor, ks: Sequence[int], seed: int, draws
 
 
 def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int], seed: int,
-        metrics_path: str, plots_dir: str) -> dict:
+        metrics_path: str, plots_dir: str, gallery: str = "image", query: str = "text") -> dict:
+    """Metrics of the embeddings in ``embeddings_dir``; ``t2i`` is query -> gallery whatever the pair
+    (``pair`` in the metrics file gives the modalities and the directions' own names)."""
     test, val = load_split(f"{embeddings_dir}/test.npz"), load_split(f"{embeddings_dir}/val.npz")
     cal = read_json(Path(calibration_dir) / "calibration.json")
     method = cal["method"] + cal["suffix"]
@@ -49,6 +51,7 @@ def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int]
         "random": random_baseline(pos, ks, seed),
         "counts": {"test_items": int(test.image.shape[0]), "test_texts": int(test.text.shape[0]),
                    "val_items": int(val.image.shape[0])},
+        "pair": {"gallery": gallery, "query": query, "directions": direction_names(gallery, query)},
     }
     max_k = min(50, test.image.shape[0])
     curves = {f"{d}_{name}": recall_curve(s, p, max_k)
@@ -73,7 +76,8 @@ def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int]
 
 
 def from_params(p: Params):
-    return run(p.paths.embeddings, p.paths.calibration, p.evaluate.level, p.evaluate.ks, p.seed, p.paths.metrics, p.paths.plots)
+    return run(p.paths.embeddings, p.paths.calibration, p.evaluate.level, p.evaluate.ks, p.seed, p.paths.metrics,
+               p.paths.plots, p.data.gallery, p.data.query)
 
 
 def main(argv=None) -> int:
