@@ -41,9 +41,36 @@ def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir:
     return counts
 
 
+def run_av(prepared_dir: str, model_dir: str, out_dir: str, gallery: str, query: str, spec, device: str,
+           cache_dir: str | None, workers: int = 0) -> dict:
+    """cmmixer retriever: the gallery modality's embeddings in ``image``, the query modality's in
+    ``text`` (one query per item, ``text_item`` = its own row)."""
+    from cmr.training.av_fit import encode_split, load_retriever, pair_items
+    from cmr.training.features import identity_vector, label_matrix
+
+    prepared = load_prepared(prepared_dir)
+    model, _ = load_retriever(model_dir, device)
+    counts = {}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for split in SPLITS:
+            items = pair_items(prepared, split, gallery, query)
+            if not items:
+                continue
+            emb_g, emb_q = encode_split(model, prepared, items, gallery, query, spec, device, cache_dir, workers)
+            save_split(tmp / f"{split}.npz", SplitEmbeddings(
+                emb_g, emb_q, torch.arange(len(items)), [it.id for it in items],
+                [f"{query}:{getattr(it, query)}" for it in items], label_matrix(items, prepared.label_set),
+                identity_vector(items)))
+            counts[split] = {"items": len(items), "queries": len(items)}
+    log(f"encode: {gallery} gallery, {query} queries {counts} -> {out_dir}")
+    return counts
+
+
 def from_params(p: Params):
-    return run(p.paths.prepared, p.paths.finetuned, p.paths.embeddings, resolve_device(p.device), p.paths.cache,
-               p.num_workers)
+    from cmr.stages._methods import method_for
+
+    return method_for(p.model.arch).encode(p)
 
 
 def main(argv=None) -> int:

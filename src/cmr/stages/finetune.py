@@ -1,15 +1,17 @@
-"""Stage finetune: continue from the pretrained model on the target dataset, objective chosen by name."""
+"""Stage finetune: continue from the pretrained model on the target dataset (two-tower: objective chosen by
+name; cmmixer: the retriever from the pre-trained encoder)."""
 from __future__ import annotations
 
 import sys
 
 from cmr.config import Params
 from cmr.stages._common import stage_main
-from cmr.stages.pretrain import run
 
 
 def from_params(p: Params):
-    return run(p, p.paths.pretrained, "finetune", p.paths.finetuned)
+    from cmr.stages._methods import method_for
+
+    return method_for(p.model.arch).finetune(p)
 
 
 def main(argv=None) -> int:

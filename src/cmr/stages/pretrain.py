@@ -1,4 +1,8 @@
-"""Stage pretrain: contrastive alignment of the two towers on the image-text pairs (towers lockable)."""
+"""Stage pretrain: what the configured architecture learns first (:mod:`cmr.stages._methods`).
+
+Two-tower archs: contrastive alignment of the two towers on the image-text pairs (towers lockable).
+cmmixer archs: the fuse-then-separate masked autoencoder on the gallery/query media pairs.
+"""
 from __future__ import annotations
 
 import sys
@@ -9,7 +13,7 @@ from cmr.stages._common import log, resolve_device, stage_main
 from cmr.training.fit import fit
 
 
-def run(p: Params, init_dir: str | None, section: str, out_dir: str) -> dict:
+def train_two_tower(p: Params, init_dir: str | None, section: str, out_dir: str) -> dict:
     """Train with the settings of ``params.<section>`` (pretrain or finetune) and save to ``out_dir``."""
     cfg = getattr(p, section)
     result = fit(
@@ -25,7 +29,9 @@ def run(p: Params, init_dir: str | None, section: str, out_dir: str) -> dict:
 
 
 def from_params(p: Params):
-    return run(p, None, "pretrain", p.paths.pretrained)
+    from cmr.stages._methods import method_for
+
+    return method_for(p.model.arch).pretrain(p)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,109 @@
+"""Which training and encoding code a ``model.arch`` runs, chosen by name.
+
+``two_tower``: image/text towers with projection heads (:mod:`cmr.training.fit`); ``cmmixer``:
+the cross-modal mixer MAE and its retriever (:mod:`cmr.training.av_fit`). The pretrain, finetune
+and encode stages call the entry of the configured architecture, so ``dvc.yaml``, the flows and
+the CLI are the same for every modality pair.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from cmr.config import Params
+from cmr.errors import ConfigError
+from cmr.registry import Registry
+from cmr.stages._common import log, resolve_device
+
+
+@dataclass(frozen=True)
+class Method:
+    pretrain: Callable[[Params], dict]
+    finetune: Callable[[Params], dict]
+    encode: Callable[[Params], dict]
+
+
+METHODS: Registry[Method] = Registry("training method")
+
+
+def method_for(arch: str) -> Method:
+    from cmr.models.cmmixer import CMMIXER_ARCHS
+
+    return METHODS.get("cmmixer" if arch in CMMIXER_ARCHS else "two_tower")
+
+
+def media_spec(p: Params):
+    from cmr.data.media import MediaSpec
+
+    m = p.media
+    return MediaSpec(frames=m.frames, size=m.size, sample_rate=m.sample_rate, clip_seconds=m.clip_seconds,
+                     n_mels=m.n_mels)
+
+
+def _two_tower_pair(p: Params) -> None:
+    if (p.data.gallery, p.data.query) != ("image", "text"):
+        raise ConfigError(f"model.arch {p.model.arch!r} is a two-tower image-text model; data.gallery "
+                          f"{p.data.gallery!r} / data.query {p.data.query!r} need a cmmixer arch "
+                          "(`cmr list archs`, e.g. cmmixer-tiny)")
+
+
+def _two_tower(section: str, init: Callable[[Params], str | None], out: Callable[[Params], str]):
+    def run(p: Params) -> dict:
+        from cmr.stages.pretrain import train_two_tower
+
+        _two_tower_pair(p)
+        return train_two_tower(p, init(p), section, out(p))
+
+    return run
+
+
+def _two_tower_encode(p: Params) -> dict:
+    from cmr.stages.encode import run
+
+    _two_tower_pair(p)
+    return run(p.paths.prepared, p.paths.finetuned, p.paths.embeddings, resolve_device(p.device), p.paths.cache,
+               p.num_workers)
+
+
+METHODS.register("two_tower")(Method(
+    pretrain=_two_tower("pretrain", lambda p: None, lambda p: p.paths.pretrained),
+    finetune=_two_tower("finetune", lambda p: p.paths.pretrained, lambda p: p.paths.finetuned),
+    encode=_two_tower_encode,
+))
+
+
+def _common(p: Params, section: str) -> dict:
+    cfg = getattr(p, section)
+    return dict(arch=p.model.arch, gallery=p.data.gallery, query=p.data.query, spec=media_spec(p), epochs=cfg.epochs,
+                batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=p.seed,
+                device=resolve_device(p.device), amp=p.amp, cache_dir=p.paths.cache, workers=p.num_workers,
+                log=lambda m: log(f"{section}: {m}"))
+
+
+def _cmmixer_pretrain(p: Params) -> dict:
+    from cmr.data.prepare import load_prepared
+    from cmr.training.av_fit import fit_mae
+
+    c = p.cmmixer
+    return fit_mae(load_prepared(p.paths.prepared), p.paths.pretrained, mixer=c.mixer, mask_ratio=c.mask_ratio,
+                   norm_pix_loss=c.norm_pix_loss, pretrain_on=c.pretrain_on, **_common(p, "pretrain"))
+
+
+def _cmmixer_finetune(p: Params) -> dict:
+    from cmr.data.prepare import load_prepared
+    from cmr.training.av_fit import fit_retriever
+
+    return fit_retriever(load_prepared(p.paths.prepared), p.paths.finetuned, p.paths.pretrained,
+                         retriever=p.cmmixer.retriever, pool=p.cmmixer.pool, embed_dim=p.model.embed_dim,
+                         select_metric=p.finetune.select_metric, level=p.evaluate.level, ks=p.evaluate.ks,
+                         **_common(p, "finetune"))
+
+
+def _cmmixer_encode(p: Params) -> dict:
+    from cmr.stages.encode import run_av
+
+    return run_av(p.paths.prepared, p.paths.finetuned, p.paths.embeddings, p.data.gallery, p.data.query,
+                  media_spec(p), resolve_device(p.device), p.paths.cache, p.num_workers)
+
+
+METHODS.register("cmmixer")(Method(pretrain=_cmmixer_pretrain, finetune=_cmmixer_finetune, encode=_cmmixer_encode))
