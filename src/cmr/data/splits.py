@@ -7,7 +7,10 @@ what it was trained on. "Sharing content" means any of:
   and tuxpaint both hold the same picture under several names),
 * an identical caption after case folding and whitespace collapsing
   ("A flower." on six Tux Paint stamps),
-* an identical precomputed feature row (7 duplicated image rows in wikipedia_cmr).
+* an identical precomputed feature row (7 duplicated image rows in wikipedia_cmr),
+* the same group, when the reader names one in ``meta["group"]``: the recording (or
+  film) a window was cut from, the picture a spoken word belongs to. Windows of one
+  recording share sound and style without sharing bytes.
 
 Items are joined into groups by union-find over these keys and a whole group gets one
 split, so there is no leakage by construction. A group's split comes from a hash of
@@ -65,6 +68,8 @@ def content_keys(
             else:
                 k.add(f"{field} path {rel!r}")
         k |= {f"caption {normalise_caption(t)!r}" for t in it.texts if normalise_caption(t)}
+        if it.meta.get("group") is not None:
+            k.add(f"group {it.meta['group']!r}")
         if it.feature_row is not None:
             for m, arr in features.items():
                 if 0 <= it.feature_row < len(arr):
