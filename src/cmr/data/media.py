@@ -122,10 +122,16 @@ def even_indices(n: int, t: int) -> list[int]:
     return [((2 * k + 1) * n) // (2 * t) for k in range(t)]
 
 
+def _require_file(path: Path, modality: str) -> None:
+    if not path.is_file():
+        raise DataError(str(path), f"{modality} file exists")
+
+
 def _decode_all_frames(path: Path) -> tuple[list, float]:
     """Every frame of the first video stream (as PIL images) and the stream's duration in s."""
     import av
 
+    _require_file(path, "video")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -176,6 +182,7 @@ def decode_still(path: str | Path, spec: MediaSpec) -> torch.Tensor:
     """uint8 [T, 3, S, S]: one picture (short side to S, centre crop) repeated T times."""
     from PIL import Image
 
+    _require_file(Path(path), "image")
     try:
         with Image.open(path) as im:
             picture = _square(im, spec.size)
@@ -221,8 +228,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """(float32 [C, L] samples in [-1, 1], sample rate in Hz); DataError when no reader can
     read it or it holds no samples."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), "audio file exists")
+    _require_file(path, "audio")
     failures = []
     for name, read in AUDIO_READERS:
         try:
@@ -327,8 +333,7 @@ def media_cache_key(root: str | Path, rels: Sequence[str], modality: str, spec: 
     h = hashlib.sha256(json.dumps({"spec": spec.to_json(), "modality": modality}, sort_keys=True).encode())
     for rel in rels:
         path = Path(root) / rel
-        if not path.is_file():
-            raise DataError(str(path), f"{modality} file exists")
+        _require_file(path, modality)
         h.update(f"{rel}\x00{file_sha256(path)}\n".encode())
     return h.hexdigest()[:24]
 
