@@ -90,6 +90,12 @@ SOURCES = {
     "features_npz": (lambda s, t: s / "wikipedia_cmr", {}),
     "features_mat": (lambda s, t: s / "wikipedia_cmr" / "original", {}),
     "cuhk_pedes": (lambda s, t: s / "cuhk_pedes_sample", {"skip_missing_images": True}),
+    "av_films": (lambda s, t: s / "av_films", {}),
+    "av_clips_small": (lambda s, t: s / "av_clips_small", {}),
+    "gcompris_spoken_words": (lambda s, t: s / "gcompris_spoken_words", {}),
+    "fsdd_digits": (lambda s, t: s / "fsdd_digits", {}),
+    "tuxpaint_sounds": (lambda s, t: s / "tuxpaint", {}),
+    "gcompris_sounds": (lambda s, t: s / "gcompris", {}),
 }
 
 
@@ -108,7 +114,9 @@ def test_reader_contract(name, shared_datasets, tmp_path):
     for it in result.items:
         for rel in (it.image, it.audio, it.video):
             assert rel is None or (result.root / rel).is_file(), (it.id, rel)
-        assert it.texts or it.feature_row is not None
+        # every item pairs two modalities at least (texts count as one; a feature row holds two)
+        modalities = [m for m in (it.image, it.audio, it.video) if m] + ["text"] * bool(it.texts)
+        assert len(modalities) >= 2 or it.feature_row is not None, it.id
         assert all(t.strip() for t in it.texts)
     if result.features:
         rows = sorted(it.feature_row for it in result.items)

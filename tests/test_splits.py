@@ -184,3 +184,61 @@ def test_split_errors_name_the_source():
     mixed = [Item(id="a", split="", texts=("x",)), Item(id="b", split="train", texts=("y",))]
     with pytest.raises(DataError, match=r"^data/raw/x: breaks rule .*e\.g\. item 'b'.*e\.g\. item 'a'"):
         assign_splits(mixed, 0.1, 0.1, seed=0, where="data/raw/x")
+
+
+def _grouped_items(sizes: list[int]) -> list[Item]:
+    """Items in groups of the given sizes (``meta["group"]`` only: no shared media or text)."""
+    return [Item(id=f"g{g}/{k}", split="", texts=(f"text {g} {k}",), meta={"group": f"g{g}"})
+            for g, n in enumerate(sizes) for k in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_group_never_straddles_splits(seed):
+    rng = random.Random(seed)
+    sizes = [rng.choice([1, 1, 2, 3, 8, 40]) for _ in range(60)]
+    items = assign_splits(_grouped_items(sizes), 0.1, 0.15, seed=seed)
+    splits_of: dict[str, set[str]] = {}
+    for it in items:
+        splits_of.setdefault(it.meta["group"], set()).add(it.split)
+    assert all(len(s) == 1 for s in splits_of.values()) and len(splits_of) == 60
+    assert min(split_counts(items).values()) > 0
+    # the group key is a content key: two items of a group share it, and a leak when split
+    pair = _grouped_items([2])
+    assert set.intersection(*content_keys(pair, None)) == {"group 'g0'"}
+    leak = find_leakage([dataclasses.replace(pair[0], split="test"), dataclasses.replace(pair[1], split="train")], None)
+    assert leak and leak[0].startswith("group 'g0' is in splits")
+
+
+def _old_fill(items: list[Item], val_fraction: float, test_fraction: float, seed: int, root) -> dict[str, str]:
+    """The fill rule as it was before groups could exceed a split: test, then val, in hash order."""
+    from cmr.data.splits import _unit_hash
+
+    group = content_groups(content_keys(items, root))
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(group):
+        members.setdefault(g, []).append(i)
+    order = sorted(members, key=lambda g: _unit_hash(seed, min(items[i].id for i in members[g])))
+    out, filled = {}, 0
+    for g in order:
+        split = "test" if filled < test_fraction * len(items) else (
+            "val" if filled < (test_fraction + val_fraction) * len(items) else "train")
+        filled += len(members[g])
+        out |= {items[i].id: split for i in members[g]}
+    return out
+
+
+def test_splits_that_filled_before_are_unchanged(mini):
+    for seed in (0, 1):
+        assert _mapping(assign_splits(mini.items, 0.1, 0.15, seed, root=mini.root)) == \
+            _old_fill(mini.items, 0.1, 0.15, seed, mini.root)
+
+
+def test_large_groups_stay_in_train_when_they_would_empty_val():
+    """Two whole recordings (29 and 38 windows) and 11 one-item groups, as in av_sample:
+    filling test first in hash order would put a recording in test and leave val empty."""
+    items = _grouped_items([29, 38] + [1] * 11)
+    for seed in range(6):
+        out = assign_splits(items, 0.1, 0.15, seed)
+        counts = split_counts(out)
+        assert counts == {"train": 67, "val": 4, "test": 7}, (seed, counts)
+        assert {it.split for it in out if it.meta["group"] in ("g0", "g1")} == {"train"}

@@ -659,3 +659,8 @@ def read_cuhk_pedes(
         items += [_pedes_item(stem, entries, image_dir, identity_prefix) for entries in by_image.values()]
     _check_unique_ids(items, str(source))
     return ReadResult(items, root, None, [], source.stem if source.is_file() else source.name)
+
+
+# Audio and video readers live in their own module; importing it here registers them, so
+# every caller of READERS (the ingest stage, `cmr list readers`) sees them.
+from cmr.data import av_readers  # noqa: E402,F401

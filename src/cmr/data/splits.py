@@ -7,7 +7,10 @@ what it was trained on. "Sharing content" means any of:
   and tuxpaint both hold the same picture under several names),
 * an identical caption after case folding and whitespace collapsing
   ("A flower." on six Tux Paint stamps),
-* an identical precomputed feature row (7 duplicated image rows in wikipedia_cmr).
+* an identical precomputed feature row (7 duplicated image rows in wikipedia_cmr),
+* the same group, when the reader names one in ``meta["group"]``: the recording (or
+  film) a window was cut from, the picture a spoken word belongs to. Windows of one
+  recording share sound and style without sharing bytes.
 
 Items are joined into groups by union-find over these keys and a whole group gets one
 split, so there is no leakage by construction. A group's split comes from a hash of
@@ -65,6 +68,8 @@ def content_keys(
             else:
                 k.add(f"{field} path {rel!r}")
         k |= {f"caption {normalise_caption(t)!r}" for t in it.texts if normalise_caption(t)}
+        if it.meta.get("group") is not None:
+            k.add(f"group {it.meta['group']!r}")
         if it.feature_row is not None:
             for m, arr in features.items():
                 if 0 <= it.feature_row < len(arr):
@@ -100,6 +105,32 @@ def _unit_hash(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def _fill_in_order(sizes: list[int], target: dict[str, float]) -> list[str]:
+    """Split of each group (sizes in hash order): test, then val, until their item counts
+    reach the targets; the rest train. Filling by count (rather than a coin per group)
+    keeps the fractions close when groups are small."""
+    out, filled = [], 0
+    for n in sizes:
+        out.append("test" if filled < target["test"] else "val" if filled < target["test"] + target["val"] else "train")
+        filled += n
+    return out
+
+
+def _fill_by_deficit(sizes: list[int], target: dict[str, float]) -> list[str]:
+    """Split of each group when :func:`_fill_in_order` leaves test or val empty, as when a
+    few large groups (whole recordings) hold most items and the first of them swallows
+    test: each group goes to the split (test or val) furthest below its target among
+    those it brings closer to it (count + size/2 <= target), else to train."""
+    out, count = [], {"test": 0, "val": 0}
+    for n in sizes:
+        fits = [s for s in ("test", "val") if target[s] > 0 and count[s] + n / 2 <= target[s]]
+        split = max(fits, key=lambda s: target[s] - count[s], default="train")
+        if split != "train":
+            count[split] += n
+        out.append(split)
+    return out
+
+
 def assign_splits(
     items: list[Item],
     val_fraction: float,
@@ -114,7 +145,9 @@ def assign_splits(
 
     * Source without splits (all ``split == ""``): groups, in the order of their hash,
       fill test up to ``test_fraction`` of the items, then val up to ``val_fraction``;
-      the rest is train.
+      the rest is train. If that leaves test or val empty (a large group came first and
+      took all of test), groups are dealt by :func:`_fill_by_deficit` instead, which
+      keeps large groups in train when smaller ones can fill test and val.
     * Source with splits: items keep them. A split the source lacks (val, or test) is
       carved from train groups so that it holds about that fraction of ALL items.
       Groups that already straddle source splits are left as they are; that leakage is
@@ -153,14 +186,14 @@ def assign_splits(
         eligible = [g for g, idx in members.items() if all(items[i].split == "train" for i in idx)]
         target = {s: (f * len(items) if s not in sourced else 0.0) for s, f in (("test", test_fraction), ("val", val_fraction))}
 
-    # Walk the groups in hash order and fill test, then val, up to their item counts;
-    # the rest is train. Filling by count (rather than a coin per group) keeps the
-    # fractions close even when groups are few or large.
+    order = sorted(eligible, key=lambda g: _unit_hash(seed, group_key[g]))
+    sizes = [len(members[g]) for g in order]
+    chosen = _fill_in_order(sizes, target)
+    wanted = [s for s in ("test", "val") if target[s] > 0]
+    if any(s not in chosen for s in wanted):
+        chosen = _fill_by_deficit(sizes, target)
     new_split = [it.split for it in items]
-    filled = 0
-    for g in sorted(eligible, key=lambda g: _unit_hash(seed, group_key[g])):
-        split = "test" if filled < target["test"] else "val" if filled < target["test"] + target["val"] else "train"
-        filled += len(members[g])
+    for g, split in zip(order, chosen):
         for i in members[g]:
             new_split[i] = split
     return [it if it.split == s else dataclasses.replace(it, split=s) for it, s in zip(items, new_split)]
