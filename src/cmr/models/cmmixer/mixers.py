@@ -113,30 +113,29 @@ def _mixed(mixed: Tensor, **info) -> MixOutput:
     return MixOutput([mixed], ["mixed"], [MODALITIES], **info)
 
 
-@MIXERS.register("cutmix")
-def cutmix(images: dict[str, Tensor], *, frames: int, patch: int, generator: torch.Generator) -> MixOutput:
-    """One box per frame window, lambda ~ Beta(1, 1) per clip and frame."""
-    video, audio = _pair(images, "cutmix")
+def _cutmix(images: dict[str, Tensor], name: str, windows: int, generator: torch.Generator) -> MixOutput:
+    """One box per window of width W / ``windows``, lambda ~ Beta(1, 1) per clip and window."""
+    video, audio = _pair(images, name)
     b, _, height, width = video.shape
-    window = width // frames
-    lam = _uniform((b, frames), generator)
+    window = width // windows
+    lam = _uniform((b, windows), generator)
     boxes = draw_boxes(lam, height, window, generator)
-    boxes[..., 1] += torch.arange(frames) * window  # window t starts at column t * window
+    boxes[..., 1] += torch.arange(windows) * window  # window t starts at column t * window
     mask = box_mask(boxes, height, width)
     mixed, reverse = _paste(video, audio, mask, generator)
     return _mixed(mixed, mask=mask, boxes=boxes, lam=lam, reversed=reverse)
+
+
+@MIXERS.register("cutmix")
+def cutmix(images: dict[str, Tensor], *, frames: int, patch: int, generator: torch.Generator) -> MixOutput:
+    """One box per frame window."""
+    return _cutmix(images, "cutmix", frames, generator)
 
 
 @MIXERS.register("cutmix_clip")
 def cutmix_clip(images: dict[str, Tensor], *, frames: int, patch: int, generator: torch.Generator) -> MixOutput:
-    """One box per clip over the whole wide image, lambda ~ Beta(1, 1) per clip."""
-    video, audio = _pair(images, "cutmix_clip")
-    b, _, height, width = video.shape
-    lam = _uniform((b, 1), generator)
-    boxes = draw_boxes(lam, height, width, generator)
-    mask = box_mask(boxes, height, width)
-    mixed, reverse = _paste(video, audio, mask, generator)
-    return _mixed(mixed, mask=mask, boxes=boxes, lam=lam, reversed=reverse)
+    """One box per clip over the whole wide image (same aspect as the image)."""
+    return _cutmix(images, "cutmix_clip", 1, generator)
 
 
 @MIXERS.register("mixup")
