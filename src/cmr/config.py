@@ -55,8 +55,8 @@ class MediaCfg(Section):
     n_mels: int = Field(64, ge=8)
     min_seconds: float = Field(0.1, ge=0)
     max_seconds: float = Field(600.0, gt=0)
-    min_sample_rate: int = Field(8000, ge=1)
-    max_sample_rate: int = Field(96000, ge=1)
+    min_sample_rate: int = Field(4000, ge=1)
+    max_sample_rate: int = Field(192000, ge=1)
     #: an audio file whose RMS level is below this is "silent" (dB relative to full scale)
     min_rms_dbfs: float = -60.0
 
