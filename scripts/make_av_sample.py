@@ -56,13 +56,15 @@ project's shared datasets, files copied byte for byte; read by the `av_films` re
 
 - Big Buck Bunny (0-60 s) and Sintel (the trailer and a 26 s excerpt), 2 s windows from the shared `av_films`
   folder (its README gives the repository snapshots they came from and how they were cut: 128 px high, 8 fps,
-  16 kHz mono). Big Buck Bunny and Sintel are Blender Foundation open movies under CC BY 3.0.
+  16 kHz mono). Big Buck Bunny and Sintel are Blender Foundation open movies under CC BY 3.0 (the repositories
+  the files came from state no licence; this is the films' published licence, not verified offline).
   Attribution: "{FILM_ATTRIBUTION}".
   Agent 327 (in `av_films` too) is CC BY-ND and is NOT included.
 - 11 utterances of the GRID audiovisual sentence corpus (3 s each, 200x160 at 12 fps, 16 kHz mono) from the shared
   `av_clips_small` folder: M. Cooke, J. Barker, S. Cunningham, X. Shao, "An audio-visual corpus for speech
   perception and automatic speech recognition", J. Acoust. Soc. Am. 120(5), 2006; corpus distributed under
-  CC BY 4.0 (Zenodo record 3625687). The clips are re-encoded (scaled, frame rate changed), not otherwise changed.
+  CC BY 4.0 (Zenodo record 3625687; as the `av_clips_small` README says, not stated by the repository the files
+  came from and not verified offline). The clips are re-encoded (scaled, frame rate changed), not otherwise changed.
 
 ## Counts
 
@@ -74,7 +76,8 @@ project's shared datasets, files copied byte for byte; read by the `av_films` re
 GRID utterance is its own group), `video`, `audio`, `start`, `end` (s, in the source), `text` (null for the films;
 for GRID the spoken sentence, which the reader keeps in `meta["transcript"]`), `source`, `licence`, and the probe
 fields of the source folders (`video_width`, `video_height`, `video_frames`, `video_duration`, `audio_duration`, ...).
-Splits: films are whole groups, so with the default fractions a split holds a whole film or GRID utterances only.
+Splits: a film is one group, so it is wholly in one split; with the default fractions (val 0.1, test 0.15) both films
+go to train and the GRID utterances fill val (4) and test (7): a smoke test, not a benchmark.
 """
 
 

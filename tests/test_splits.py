@@ -242,3 +242,12 @@ def test_large_groups_stay_in_train_when_they_would_empty_val():
         counts = split_counts(out)
         assert counts == {"train": 67, "val": 4, "test": 7}, (seed, counts)
         assert {it.split for it in out if it.meta["group"] in ("g0", "g1")} == {"train"}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_large_group_does_not_swallow_val(seed):
+    """av_films' three films (113, 29, 38 windows): in hash order the 113-window film can
+    come first and fill val many times over, leaving 29 items to train."""
+    out = assign_splits(_grouped_items([113, 29, 38]), 0.15, 0.2, seed)
+    assert split_counts(out)["train"] == 113
+    assert {it.split for it in out if it.meta["group"] == "g0"} == {"train"}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from cmr.data.prepare import Prepared, data_version, load_prepared, prepare_dataset, save_prepared
-from cmr.data.validate import raise_on_failure, validate_prepared
+from cmr.data.validate import MediaBounds, raise_on_failure, validate_prepared
 from cmr.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,3 +251,84 @@ def test_prepared_items_not_utf8(small, tmp_path):
         f.write('{"id": "é"}\n'.encode("latin-1"))
     with pytest.raises(DataError, match=rf"items\.jsonl:{N_SMALL + 1}: breaks rule 'UTF-8 text'"):
         load_prepared(out)
+
+
+# ------------------------------------------------------------ audio and video
+
+AV_SAMPLE = REPO / "data" / "raw" / "av_sample"
+#: av_sample items kept for the tests: three Big Buck Bunny windows, two of the Sintel
+#: trailer, five GRID utterances (rows 6-10; their clips are 3 s, the films' 2 s)
+AV_ROWS = [0, 1, 2, 30, 31, 67, 68, 69, 70, 71]
+
+
+@pytest.fixture(scope="module")
+def av() -> Prepared:
+    return prepare_dataset("av_films", AV_SAMPLE, {}, 0.1, 0.15, 0)
+
+
+@pytest.fixture
+def av_small(av, tmp_path) -> Prepared:
+    """Ten av_sample items with their media copied to a folder we may damage."""
+    items = [av.items[k] for k in AV_ROWS]
+    root = tmp_path / "media"
+    for it in items:
+        for rel in (it.video, it.audio):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(av.root / rel, root / rel)
+    return dataclasses.replace(av, items=items, root=root)
+
+
+def test_av_items_pass_with_media_rules_and_no_text_rules(av_small, small):
+    report = validate_prepared(av_small, 2, 512)
+    assert report["success"], [e for e in report["expectations"] if not e["success"]]
+    rules = {e["rule"] for e in report["expectations"]}
+    assert {"video decodes", "video has >= 4 frames", "audio not silent (RMS >= -60.0 dBFS)",
+            "audio sample rate in [4000, 192000] Hz", "video duration in [0.1, 600.0] s"} <= rules
+    assert not any(r.startswith("text") for r in rules)
+    image_text = {e["rule"] for e in validate_prepared(small, 2, 512)["expectations"]}
+    assert "texts non-empty" in image_text and not any("video decodes" in r or "RMS" in r for r in image_text)
+
+
+def _damage(p: Prepared, k: int, field: str, make) -> tuple[Prepared, int, MediaBounds]:
+    path = p.root / getattr(p.items[k], field)
+    make(path)
+    return p, k, MediaBounds()
+
+
+def _silence(path: Path) -> None:
+    import soundfile
+
+    data, rate = soundfile.read(path)
+    soundfile.write(path, np.zeros_like(data), rate, subtype="PCM_16")
+
+
+def _truncate(n_bytes: int):
+    return lambda path: path.write_bytes(path.read_bytes()[:n_bytes])
+
+
+#: fault -> (planter (prepared -> prepared, index of the first faulty item, bounds), field, rule)
+AV_FAULTS = {
+    "truncated video": (lambda p: _damage(p, 2, "video", _truncate(3000)), "video", "video decodes"),
+    "corrupt audio": (lambda p: _damage(p, 1, "audio", _truncate(30)), "audio", "audio decodes"),
+    "silent audio": (lambda p: _damage(p, 3, "audio", _silence), "audio", "audio not silent (RMS >= -60.0 dBFS)"),
+    "too few frames": (lambda p: (p, 0, MediaBounds(min_video_frames=17)), "video", "video has >= 17 frames"),
+    "sample rate too low": (lambda p: (p, 0, MediaBounds(min_sample_rate=22050)), "audio",
+                            "audio sample rate in [22050, 192000] Hz"),
+    "clip too long": (lambda p: (p, 5, MediaBounds(max_seconds=2.5)), "audio", "audio duration in [0.1, 2.5] s"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(AV_FAULTS))
+def test_bad_media_names_file_row_field_rule(fault, av_small, tmp_path):
+    plant, field, rule = AV_FAULTS[fault]
+    assert validate_prepared(av_small, 2, 512)["success"]
+    bad, k, bounds = plant(av_small)
+    report = validate_prepared(bad, 2, 512, media=bounds)
+    failed = [e for e in report["expectations"] if not e["success"]]
+    assert failed and failed[0]["rule"] == rule, failed
+    items_path = save_prepared(bad, tmp_path / "prepared") / "items.jsonl"
+    with pytest.raises(DataError) as err:
+        raise_on_failure(report, items_path)
+    msg = str(err.value)
+    assert f"{items_path}:{k + 1}: breaks rule '{rule}'" in msg, msg
+    assert f"field '{field}' of item {bad.items[k].id!r}" in msg and getattr(bad.items[k], field) in msg

@@ -116,10 +116,18 @@ def _fill_in_order(sizes: list[int], target: dict[str, float]) -> list[str]:
     return out
 
 
+def _misfilled(chosen: list[str], sizes: list[int], target: dict[str, float]) -> bool:
+    """True when test or val (with a target) ended empty or above twice its target: one
+    large group took a whole split. Small groups never do this, so their splits stay
+    those of the in-order fill."""
+    count = {s: sum(n for n, c in zip(sizes, chosen) if c == s) for s in ("test", "val")}
+    return any(target[s] > 0 and not 0 < count[s] <= 2 * target[s] for s in count)
+
+
 def _fill_by_deficit(sizes: list[int], target: dict[str, float]) -> list[str]:
-    """Split of each group when :func:`_fill_in_order` leaves test or val empty, as when a
-    few large groups (whole recordings) hold most items and the first of them swallows
-    test: each group goes to the split (test or val) furthest below its target among
+    """Split of each group when :func:`_fill_in_order` misfilled (:func:`_misfilled`), as
+    when a few large groups (whole recordings) hold most items and the first of them
+    swallows test: each group goes to the split (test or val) furthest below its target among
     those it brings closer to it (count + size/2 <= target), else to train."""
     out, count = [], {"test": 0, "val": 0}
     for n in sizes:
@@ -145,9 +153,10 @@ def assign_splits(
 
     * Source without splits (all ``split == ""``): groups, in the order of their hash,
       fill test up to ``test_fraction`` of the items, then val up to ``val_fraction``;
-      the rest is train. If that leaves test or val empty (a large group came first and
-      took all of test), groups are dealt by :func:`_fill_by_deficit` instead, which
-      keeps large groups in train when smaller ones can fill test and val.
+      the rest is train. If that leaves test or val empty, or above twice its target (a
+      large group came first and took all of test), groups are dealt by
+      :func:`_fill_by_deficit` instead, which keeps large groups in train when smaller
+      ones can fill test and val.
     * Source with splits: items keep them. A split the source lacks (val, or test) is
       carved from train groups so that it holds about that fraction of ALL items.
       Groups that already straddle source splits are left as they are; that leakage is
@@ -189,8 +198,7 @@ def assign_splits(
     order = sorted(eligible, key=lambda g: _unit_hash(seed, group_key[g]))
     sizes = [len(members[g]) for g in order]
     chosen = _fill_in_order(sizes, target)
-    wanted = [s for s in ("test", "val") if target[s] > 0]
-    if any(s not in chosen for s in wanted):
+    if _misfilled(chosen, sizes, target):
         chosen = _fill_by_deficit(sizes, target)
     new_split = [it.split for it in items]
     for g, split in zip(order, chosen):
