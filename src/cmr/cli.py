@@ -6,7 +6,7 @@
     cmr search --image path.jpg --k 5
     cmr metrics                   # the latest evaluation as a short table
     cmr study wikipedia           # a registered study (tables, plot, one MLflow parent run)
-    cmr list losses               # registered names (readers, losses, calibrators, indexes, archs, studies)
+    cmr list losses               # registered names (readers, losses, calibrators, indexes, archs, mixers, studies)
 """
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ def _registries() -> dict:
     from cmr.retrieval.calibrate import CALIBRATORS
     from cmr.retrieval.index import INDEXES
 
+    from cmr.models.cmmixer import CMMIXER_ARCHS, MIXERS
     from cmr.studies import load_all
 
     return {"studies": load_all().names(), "readers": READERS.names(), "losses": LOSSES.names(), "calibrators": CALIBRATORS.names(),
-            "indexes": INDEXES.names(), "archs": list_architectures()}
+            "indexes": INDEXES.names(), "archs": list_architectures() + CMMIXER_ARCHS.names(), "mixers": MIXERS.names()}
 
 
 def search(params_path: str, query: str | None, image: str | None, k: int,
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="random splits per dataset, for studies that take it (calibration: default 20, 1 with --quick)")
     sub.add_parser("metrics", help="the latest evaluation as a short table")
     ls = sub.add_parser("list", help="registered names")
-    ls.add_argument("what", choices=("readers", "losses", "calibrators", "indexes", "archs", "studies"))
+    ls.add_argument("what", choices=("readers", "losses", "calibrators", "indexes", "archs", "mixers", "studies"))
     args = ap.parse_args(argv)
     try:
         stage_argv = ["--params", args.params, *(a for pair in args.set for a in ("--set", pair))]
