@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -301,10 +302,13 @@ def test_save_and_load_round_trip(tmp_path):
     loaded, spec = load_cmmixer(tmp_path / "ret")
     assert spec["retriever"] == "shared" and spec["settings"] == {"epochs": 3}
     torch.testing.assert_close(encode(loaded, video, mel), encode(retriever, video, mel))
-    mae = CMMixerMAE(ARCH, norm_pix_loss=True)
+    # an unregistered architecture loads too: the spec carries the whole of it
+    micro = replace(CMMIXER_ARCHS.get(ARCH), name="micro", dim=32, depth=1, heads=2, decoder_dim=32,
+                    decoder_depth=1, decoder_heads=2)
+    mae = CMMixerMAE(micro, norm_pix_loss=True)
     save_cmmixer(mae, tmp_path / "mae")
     loaded_mae, spec = load_cmmixer(tmp_path / "mae")
-    assert spec["norm_pix_loss"] is True
+    assert spec["norm_pix_loss"] is True and loaded_mae.arch == micro
     assert all(torch.equal(v, loaded_mae.state_dict()[k]) for k, v in mae.state_dict().items())
     with pytest.raises(ConfigError, match="not found"):
         (tmp_path / "mae" / "model.safetensors").unlink()

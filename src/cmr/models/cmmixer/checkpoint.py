@@ -17,11 +17,15 @@ from cmr.io import atomic_path, read_json, write_json
 from cmr.models.checkpoint import SPEC_FILE, WEIGHTS_FILE
 from cmr.models.cmmixer.mae import CMMixerMAE
 from cmr.models.cmmixer.retriever import RETRIEVERS
+from cmr.models.cmmixer.vit import CMMixerArch
 
+# the spec carries the whole architecture (``arch_config``), so a checkpoint loads even when its
+# JSON config has changed or it was built from an unregistered CMMixerArch
 BUILDERS: dict[str, Callable[[dict], nn.Module]] = {
-    "mae": lambda spec: CMMixerMAE(spec["arch"], norm_pix_loss=spec["norm_pix_loss"]),
+    "mae": lambda spec: CMMixerMAE(CMMixerArch(**spec["arch_config"]), norm_pix_loss=spec["norm_pix_loss"]),
     "retriever": lambda spec: RETRIEVERS.get(spec["retriever"])(
-        spec["arch"], embed_dim=spec["embed_dim"], kinds=tuple(spec["kinds"]), pool=spec["pool"]),
+        CMMixerArch(**spec["arch_config"]), embed_dim=spec["embed_dim"], kinds=tuple(spec["kinds"]),
+        pool=spec["pool"]),
 }
 
 
@@ -46,8 +50,8 @@ def load_cmmixer(out_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, d
         raise ConfigError(f"{spec_path}: kind {spec.get('kind')!r} is not one of {sorted(BUILDERS)}")
     try:
         model = BUILDERS[spec["kind"]](spec)
-    except KeyError as e:
-        raise ConfigError(f"{spec_path}: missing field {e.args[0]!r}") from None
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{spec_path}: missing or unexpected field: {e}") from None
     state = load_file(str(weights_path), device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

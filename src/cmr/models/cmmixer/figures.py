@@ -7,20 +7,17 @@ visible ones). The caller decides where the figure goes (a PNG, an MLflow artifa
 """
 from __future__ import annotations
 
-import matplotlib
+import torch
+# a bare Figure, not pyplot: no global figure list to leak into, no backend switched, no window
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")  # the library never opens a window
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from cmr.models.cmmixer.as_images import display_rgb, image_as_mel, mel_as_image, video_as_image  # noqa: E402
-from cmr.models.cmmixer.mae import CMMixerMAE  # noqa: E402
-from cmr.models.cmmixer.mixers import MIXERS, patch_mask_to_pixels  # noqa: E402
+from cmr.models.cmmixer.as_images import display_rgb, image_as_mel, mel_as_image, video_as_image
+from cmr.models.cmmixer.mae import CMMixerMAE
+from cmr.models.cmmixer.mixers import MIXERS, patch_mask_to_pixels
 
 MASK_GREY = 0.5
-COLUMNS = ("video", "mel", "mixed", "masked", "reconstructed video", "reconstructed mel")
+COLUMNS = ("video", "mel", "encoder input", "masked", "reconstructed video", "reconstructed mel")
 
 
 def _show(ax, picture: Tensor | None, is_mel: bool) -> None:
@@ -65,8 +62,8 @@ def reconstruction_figure(model: CMMixerMAE, video: Tensor | None, audio: Tensor
                (masked, False), (as_rgb("video", recon), False), (as_mel("audio", recon), True)]
     rows = first.shape[0]
     height, width = first.shape[-2:]
-    fig, axes = plt.subplots(rows, len(COLUMNS), squeeze=False,
-                             figsize=(len(COLUMNS) * 2.2 * width / max(width, height) + 0.5, rows * 1.0 + 0.8))
+    fig = Figure(figsize=(len(COLUMNS) * 2.2 * width / max(width, height) + 0.5, rows * 1.0 + 0.8))
+    axes = fig.subplots(rows, len(COLUMNS), squeeze=False)
     for r in range(rows):
         for c, (pictures, is_mel) in enumerate(columns):
             _show(axes[r, c], None if pictures is None else pictures[r], is_mel)

@@ -115,7 +115,8 @@ class CMMixerMAE(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def spec(self) -> dict:
-        return {"kind": "mae", "arch": self.arch.name, "norm_pix_loss": self.norm_pix_loss}
+        return {"kind": "mae", "arch": self.arch.name, "arch_config": self.arch.to_dict(),
+                "norm_pix_loss": self.norm_pix_loss}
 
     def _decode(self, latent: Tensor, keeps: list[Tensor], kinds: list[str], grid: tuple[int, int]) -> list[Tensor]:
         """Encoder output [B, 1 + visible, dim] -> decoded tokens [B, N, decoder_dim] per stream."""

@@ -67,7 +67,7 @@ class CMMixerRetriever(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
 
     def spec(self) -> dict:
-        return {"kind": "retriever", "arch": self.arch.name, "retriever": "shared" if self.shared else "two_tower",
+        return {"kind": "retriever", "arch": self.arch.name, "arch_config": self.arch.to_dict(), "retriever": "shared" if self.shared else "two_tower",
                 "embed_dim": self.embed_dim, "pool": self.pool, "kinds": [self.kinds[s] for s in SIDES]}
 
     def encoder(self, side: str) -> ViTEncoder:

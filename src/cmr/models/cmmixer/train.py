@@ -12,6 +12,7 @@ evaluation, so every epoch is scored on the same masked inputs.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Sequence
 
@@ -184,7 +185,7 @@ def finetune(encoder_state: dict[str, Tensor] | None, train_a: Tensor, train_b: 
             opt.step()
             sched.step()
             with torch.no_grad():
-                model.logit_scale.clamp_(0, torch.log(torch.tensor(MAX_LOGIT_SCALE)).item())
+                model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
             total += float(loss.detach()) / len(batches)
         return {"loss": total}
 
