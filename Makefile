@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-gpu run test test-slow test-all flow bench clean
+.PHONY: install install-gpu run run-av test test-slow test-all flow bench clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ run: install
 	PATH=$(BIN):$$PATH dvc repro
 	$(BIN)/cmr metrics
 
+# video <-> audio on the embedded sample (data/raw/av_sample): the cross-modal mixer MAE + retriever
+run-av: install
+	$(BIN)/cmr --params params/av.yaml pipeline
+	$(BIN)/cmr --params params/av.yaml metrics
+
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -47,5 +52,6 @@ bench: install
 	$(BIN)/python benchmarks/bench_index.py
 	$(BIN)/python benchmarks/bench_sinkhorn.py
 	$(BIN)/python benchmarks/bench_encode.py
+	$(BIN)/python benchmarks/bench_cmmixer.py
 	@if $(BIN)/python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		$(BIN)/python benchmarks/bench_gpu.py; else echo 'bench_gpu.py skipped: no CUDA device'; fi

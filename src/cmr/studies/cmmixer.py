@@ -48,6 +48,9 @@ class Budget:
     pretrain_epochs: int
     finetune_epochs: int
     transfer_epochs: int
+    #: training pairs of a transfer set at most (a seeded subsample; fsdd_digits has 1,317): keeps the
+    #: transfer rows' cost near the main table's on 2 CPU cores
+    transfer_pairs: int = 300
     batch_size: int = 16
     pretrain_lr: float = 5e-4
     finetune_lr: float = 2e-4
@@ -73,8 +76,11 @@ class PairData:
 
     @classmethod
     def load(cls, name: str, prepared: Prepared, gallery: str, query: str, level: str, spec, cache_dir,
-             splits=("train", "val", "test")) -> "PairData":
+             splits=("train", "val", "test"), max_train: int | None = None, seed: int = 0) -> "PairData":
         items = {s: pair_items(prepared, s, gallery, query) for s in splits}
+        if max_train is not None and len(items["train"]) > max_train:
+            keep = torch.randperm(len(items["train"]), generator=torch.Generator().manual_seed(seed))[:max_train]
+            items["train"] = [items["train"][i] for i in sorted(keep.tolist())]
         media = {s: {m: split_media(prepared, items[s], m, spec, cache_dir) for m in (gallery, query)} for s in splits}
         return cls(name, gallery, query, level, media, {s: _labels(prepared, items[s], level) for s in splits})
 
@@ -185,7 +191,8 @@ def _transfer(p: Params, quick: bool, best: str, encoders: dict, seeds: list[int
     sets = {"gcompris_spoken_words": ("gcompris_spoken_words", "instance"), "fsdd_digits": ("fsdd_digits", "class")}
     out = []
     for name, (reader, level) in sets.items():
-        data = PairData.load(name, prepare(p, reader, str(shared / name), {}), "image", "audio", level, spec, cache)
+        data = PairData.load(name, prepare(p, reader, str(shared / name), {}), "image", "audio", level, spec, cache,
+                             max_train=kw["b"].transfer_pairs, seed=p.seed)
         for init in ("scratch", f"{best} (av_films)"):
             for seed in seeds:
                 state = None if init == "scratch" else encoders[(best, seed)]
