@@ -77,3 +77,18 @@ def test_video_audio_pipeline_end_to_end(tmp_path):
     table = subprocess.run([sys.executable, "-m", "cmr.cli", "--params", "params.yaml", "metrics"], cwd=tmp_path,
                            env=env, capture_output=True, text=True)
     assert table.returncode == 0 and "a2v R@1" in table.stdout and "v2a R@10" in table.stdout
+
+
+@pytest.mark.slow
+def test_cmmixer_study_quick(tmp_path, monkeypatch):
+    """The study's smoke version on the embedded sample: a table with the scratch, cutmix and random rows, a plot."""
+    from cmr.studies import load_all
+
+    monkeypatch.chdir(tmp_path)
+    p = load_params(REPO / "params" / "av.yaml", {"tracking.uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                                  "paths.cache": str(tmp_path / "cache"), "data.source": str(AV_SAMPLE)})
+    out = load_all().get("cmmixer")(p, quick=True)
+    assert [r["recipe"] for r in out["rows"]] == ["scratch", "cutmix"] and out["best"] == "cutmix"
+    table = (tmp_path / "studies/cmmixer-quick/table.md").read_text()
+    assert "random ranking" in table and "a2v R@1" in table
+    assert (tmp_path / "studies/cmmixer-quick/plot.png").stat().st_size > 5_000

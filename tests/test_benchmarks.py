@@ -71,3 +71,13 @@ def test_bench_gpu_runs_its_three_parts_on_cpu(capsys, tmp_path):
     rows = re.findall(r"^  (pretrain \(heads\)|finetune, towers (?:un)?locked) +(\d+) +(\d+\.\d)", out, re.M)
     assert [r[0] for r in rows] == ["pretrain (heads)", "finetune, towers locked", "finetune, towers unlocked"]
     assert all(int(r[1]) in (0, 1) for r in rows)  # one epoch each: the start or epoch 1, chosen on validation
+
+
+@pytest.mark.slow
+def test_bench_cmmixer_prints_step_and_decode_ratios(capsys):
+    load("bench_cmmixer").main(["--clips", "8", "--batch", "4", "--steps", "1", "--workers", "1"])
+    out = capsys.readouterr().out
+    step = ratios(out, r"pre-training step +(\d+\.\d+) clips/s")
+    decode = ratios(out, r"ratio to step (\d+\.\d+)")
+    assert len(step) == 1 and step[0] > 0 and len(decode) == 2 and all(r > 0 for r in decode)
+    assert "verdict: " in out

@@ -28,6 +28,7 @@ import torch
 
 from cmr.config import Params
 from cmr.data.prepare import Prepared
+from cmr.errors import ConfigError
 from cmr.models.cmmixer import CMMIXER_ARCHS, encode, finetune, pretrain
 from cmr.retrieval.evaluation import direction_names, evaluate_embeddings, positives_t2i
 from cmr.stages._common import log, resolve_device
@@ -139,8 +140,12 @@ def run(p: Params, quick: bool = False) -> dict:
     arch = p.model.arch if p.model.arch in CMMIXER_ARCHS else "cmmixer-tiny"
     spec, cache = media_spec(p), p.paths.cache
     shared = _shared()
-    # the quick version runs on the embedded sample, so it needs nothing outside the repo
-    main_name, main_reader, main_source = (("av_sample", "av_films", "data/raw/av_sample") if quick else
+    # the quick version runs on the settings' own video<->audio data (params/av.yaml: the embedded sample),
+    # so it needs nothing outside the repo
+    if quick and (p.data.gallery, p.data.query) != ("video", "audio"):
+        raise ConfigError("cmr study cmmixer --quick runs on the settings' video<->audio data: "
+                          "use --params params/av.yaml (the embedded sample)")
+    main_name, main_reader, main_source = ((Path(p.data.source).name, p.data.reader, p.data.source) if quick else
                                            ("av_films", "av_films", str(shared / "av_films")))
     main = PairData.load(main_name, prepare(p, main_reader, main_source, {}), "video", "audio", "instance", spec, cache)
     which = streams("video", "audio")
