@@ -32,7 +32,7 @@ def test_search_needs_exactly_one_query_kind():
 def test_metrics_table_prints_percentages_per_row():
     from cmr.cli import metrics_table
 
-    m = {f"{d}/R@{k}": k / 100 for d in ("t2i", "i2t") for k in (1, 5, 10)} | {"rsum": 32.0}
+    m = {f"{d}/R@{k}": float(k) for d in ("t2i", "i2t") for k in (1, 5, 10)} | {"rsum": 32.0}  # percent
     table = metrics_table({"val": m, "test": {"none": m, "sinkhorn": m}, "random": m}).splitlines()
     assert [ln.split()[0] for ln in table[1:]] == ["validation", "test,", "test,", "test,"]
     assert len(table) == 5  # header + 4 rows, no choice line without a choice
@@ -76,7 +76,7 @@ def test_bad_params_and_overrides_are_one_line_errors(tmp_path, repo_root, capsy
 def test_metrics_names_a_corrupt_or_stale_metrics_file(tmp_path, repo_root, capsys):
     metrics = tmp_path / "metrics.json"
     params = _params_file(tmp_path, repo_root, metrics=metrics, calibration=tmp_path / "no-calibration")
-    m = {f"{d}/R@{k}": k / 100 for d in ("t2i", "i2t") for k in (1, 5, 10)} | {"rsum": 32.0}
+    m = {f"{d}/R@{k}": float(k) for d in ("t2i", "i2t") for k in (1, 5, 10)} | {"rsum": 32.0}  # percent
     cases = [('{"val": {', f"{metrics}:1: breaks rule 'valid JSON'"),
              ("[1, 2]", f"{metrics}: breaks rule 'a JSON object': got list"),
              (json.dumps({"val": m}), f"{metrics}: breaks rule 'written by the evaluate stage with evaluate.ks [1, 5, 10]'")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,12 +75,23 @@ def test_dvc_repro_end_to_end(project):
     test = metrics["test"]
     assert set(test) == {"none", "sinkhorn"}
     for direction in ("t2i", "i2t"):
-        assert 0 <= test["none"][f"{direction}/R@1"] <= test["none"][f"{direction}/R@10"] <= 1
+        # one unit for every metric: R@K in percent, as rsum (= the sum of the six R@K)
+        assert 0 <= test["none"][f"{direction}/R@1"] <= test["none"][f"{direction}/R@10"] <= 100
+    assert test["none"]["rsum"] == pytest.approx(sum(test["none"][f"{d}/R@{k}"] for d in ("t2i", "i2t")
+                                                     for k in (1, 5, 10)))
     # a trained model beats random ranking on held-out items
     assert test["none"]["rsum"] > metrics["random"]["rsum"] + 10
     plot = (project / "data/reports/plots/recall_at_k.csv").read_text().splitlines()
     assert plot[0].split(",") == ["k", "t2i_none", "i2t_none", "t2i_calibrated", "i2t_calibrated"]
     assert len(plot) > 10  # one row per K
+    # the plots render with no network: images, and a page that loads no script from elsewhere
+    page = project / "plots_page"
+    _sh(["dvc", "plots", "show", "-o", str(page)], project)
+    html = (page / "index.html").read_text()
+    assert "<script" not in html and "http" not in html, html[:2000]
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert len(images) == 2 and all((page / src).is_file() and (page / src).read_bytes()[:4] == b"\x89PNG"
+                                    for src in images), images
     reg = json.loads((project / "data/reports/register.json").read_text())
     assert reg["alias_moved"] and "no champion yet" in reg["decision"]
 
@@ -94,12 +106,21 @@ def test_dvc_repro_end_to_end(project):
     assert run.data.tags["dvc_data_md5"] not in ("", "None")
     assert "val/rsum" in run.data.metrics and "test/sinkhorn/t2i/R_at_1" in run.data.metrics
     assert "champion_decision" in run.data.tags
-    # the registered pyfunc embeds text
-    model = mlflow.pyfunc.load_model("models:/cmr-default@champion")
-    import pandas as pd
-
-    emb = model.predict(pd.DataFrame({"text": ["a red apple", "a computer"]}))
-    assert emb.shape[0] == 2 and abs(float((emb[0] ** 2).sum()) - 1) < 1e-4
+    assert not run.info.run_name.startswith("pipeline@") and run.info.run_name.startswith("params.yaml @")
+    # the registered copy is code + heads: no pickle, and the locked offline towers are referenced
+    files = [f for f in Path(mlflow.artifacts.download_artifacts(f"models:/cmr-default/{mv.version}")).rglob("*")
+             if f.is_file()]
+    assert not [f for f in files if f.suffix in (".pkl", ".pickle")], files
+    assert {"towers.json", "heads.safetensors", "pyfunc_model.py"} <= {f.name for f in files}
+    assert sum(f.stat().st_size for f in files) < 10e6  # the towers alone are ~100 MB
+    assert run.data.tags["registered_towers"] == "referenced"
+    # the README's MLflow snippet, as written, from the project root: loads the champion (MLflow
+    # refuses pickled pyfuncs by default, so loading proves none is unpickled) and leaves no stray store
+    readme = (REPO / "README.md").read_text()
+    snippet = re.search(r"## MLflow.*?```python\n(.*?)```", readme, re.S).group(1)
+    out = _sh([sys.executable, "-c", snippet], project)
+    assert "(2, 256)" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert not (project / "mlflow.db").exists()
 
     # no-op second run: nothing re-executes
     again = _sh(["dvc", "repro"], project)
@@ -176,3 +197,26 @@ def test_scheduled_retrain_skips_unchanged_data_and_retrains_on_new_data(project
         assert "retraining" in log and "'retrained': True" in log
     finally:
         items.write_text(good)
+
+
+def test_dvc_experiments_show_both_rows_metrics(project):
+    """The README's experiment commands: two `dvc exp run -S ...` and `dvc exp show` has both rows' metrics."""
+    if not (project / "data/reports/metrics.json").exists():
+        _sh(["dvc", "repro"], project)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    (project / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    _sh(["git", "add", "-A"], project)
+    _sh([*git, "commit", "-qm", "baseline"], project)
+    for bank in (50, 100):  # a calibration setting: only calibrate and what follows it re-run
+        _sh(["dvc", "exp", "run", "-S", f"calibrate.max_bank={bank}"], project)
+    table = json.loads(_sh(["dvc", "exp", "show", "--json"], project).stdout)
+    exps = [e for row in table for e in (row.get("experiments") or [])]
+    rsums = []
+    for exp in exps:
+        rev = exp["revs"][0]
+        metrics = rev["data"]["metrics"]["data/reports/metrics.json"]["data"]
+        rsums.append(metrics["val"]["rsum"])
+        assert rev["data"]["params"]["params.yaml"]["data"]["calibrate"]["max_bank"] in (50, 100)
+    assert len(rsums) == 2 and all(0 < r <= 600 for r in rsums), table
+    diff = _sh(["dvc", "metrics", "diff", "--json"], project).stdout
+    assert "!" not in diff

@@ -1,7 +1,9 @@
 """The champion rule on a real MLflow registry (sqlite in tmp_path): what is compared, when the
 champion is re-scored, and that a failed registration leaves no version behind."""
+import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -97,3 +99,64 @@ def test_git_provenance_counts_untracked_files_and_never_vouches_outside_git(tmp
     assert len(sha) == 40 and not dirty  # ignored outputs do not count
     (tmp_path / "new_module.py").write_text("y = 2\n")
     assert git_commit(tmp_path) == (sha, True)
+
+
+WORKER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from cmr.tracking.mlflow_log import log_pipeline_run
+
+    uri, model_dir, score, barrier, n, i = (sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4]),
+                                            int(sys.argv[5]), sys.argv[6])
+    (barrier / i).touch()  # imports done: wait for the others, then all register at once
+    while len(list(barrier.iterdir())) < n:
+        time.sleep(0.01)
+    out = log_pipeline_run(uri=uri, experiment="t", run_name="r", params={"a": 1}, metrics={"val": {"rsum": score}},
+                           histories={}, artifacts={}, model_dir=model_dir,
+                           tags={"data_version": "d1", "eval_settings": "e"}, model_name="m", alias="champion",
+                           select_metric="val/rsum", rescore=None, pip_requirements=[])
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow  # four processes, each importing MLflow: 25-100 s on two busy cores
+def test_concurrent_registrations_on_a_fresh_store_end_on_the_best_model_with_truthful_decisions(tmp_path):
+    """Four processes register at once on a store that does not exist yet: none crashes while the
+    schema is created, and the outcome is that of registering one after another in version order."""
+    (tmp_path / "model" / "model").mkdir(parents=True)
+    (tmp_path / "model" / "model" / "spec.json").write_text("{}")
+    (tmp_path / "barrier").mkdir()
+    (tmp_path / "worker.py").write_text(WORKER)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    scores = ["211.69", "203.86", "211.69", "150.0"]  # two equal best: the first registered must keep it
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), uri, str(tmp_path / "model"), s,
+                               str(tmp_path / "barrier"), str(len(scores)), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, s in enumerate(scores)]
+    outs = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    score_of = {o["version"]: o["val/rsum"] for o in outs}
+    assert sorted(score_of, key=int) == ["1", "2", "3", "4"]
+    # the serial outcome, in the order the lock let them register (= version order)
+    champion = None
+    for version in sorted(score_of, key=int):
+        decision = client.get_run(next(o["run_id"] for o in outs if o["version"] == version)).data.tags[
+            "champion_decision"]
+        assert client.get_model_version("m", version).tags["champion_decision"] == decision
+        new, same = score_of[version], "(logged with the same data_version, eval_settings)"
+        if champion is None:
+            expected = f"moved to v{version}: val/rsum={new:.4f} (no champion yet)"
+        elif new > score_of[champion]:
+            expected = f"moved to v{version}: val/rsum={new:.4f} > champion v{champion}'s {score_of[champion]:.4f} {same}"
+        else:
+            expected = f"kept v{champion}: new v{version} val/rsum={new:.4f} <= champion's {score_of[champion]:.4f} {same}"
+        assert decision == expected
+        champion = version if expected.startswith("moved") else champion
+    assert str(client.get_model_version_by_alias("m", "champion").version) == champion
+    assert score_of[champion] == max(score_of.values())
+    assert [m.name for m in client.search_registered_models()] == ["m"]  # the lock is released

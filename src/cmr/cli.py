@@ -104,7 +104,7 @@ def studies_error(studies, name: str) -> str:
 
 
 def metrics_table(metrics: dict, ks=(1, 5, 10), chosen: dict | None = None) -> str:
-    """The evaluate stage's metrics file as a short text table (R@K in percent).
+    """The evaluate stage's metrics file (every metric in percent) as a short text table.
 
     ``chosen`` (calibration.json's per-direction choice) is printed under the table, so a
     calibrated row that equals the uncalibrated one is explained, not mislabelled.
@@ -117,7 +117,7 @@ def metrics_table(metrics: dict, ks=(1, 5, 10), chosen: dict | None = None) -> s
     head = " ".join(f"{names[d]} R@{k}".rjust(8) for d in ("t2i", "i2t") for k in ks) + "    rsum"
     lines = [" " * 26 + head]
     for name, m in rows:
-        cells = " ".join(f"{100 * m[f'{d}/R@{k}']:8.1f}" for d in ("t2i", "i2t") for k in ks)
+        cells = " ".join(f"{m[f'{d}/R@{k}']:8.1f}" for d in ("t2i", "i2t") for k in ks)
         lines.append(f"{name:<26}{cells}  {m['rsum']:6.1f}")
     if chosen:
         picks = ", ".join(f"{names.get(d, d)} {c['method']} {c.get('options') or ''}".rstrip()

@@ -11,6 +11,7 @@ Ground truth comes from the items, at one of three levels:
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
@@ -67,6 +68,27 @@ def both_directions(t2i: torch.Tensor, i2t: torch.Tensor, positives: torch.Tenso
     out[f"rsum{suffix}"] = 100.0 * sum(out[f"{d}/R@{k}{suffix}"] for d in ("t2i", "i2t") for k in ks)
     # the class-level selection number of CLIP4CMR-style studies: mean of the two directions' mAP
     out[f"mAP{suffix}"] = 0.5 * (out[f"t2i/mAP{suffix}"] + out[f"i2t/mAP{suffix}"])
+    return out
+
+
+#: metrics that are fractions of queries in [0, 1] (R@K, mAP, mINP), optionally with a name suffix
+_FRACTION = re.compile(r"^(R@\d+|mAP|mINP)(_.*)?$")
+
+
+def in_percent(metrics: dict) -> dict:
+    """``metrics`` (nested dicts allowed) with every fraction-valued metric in percent, so R@K,
+    mAP and mINP share rsum's unit; ranks (MdR, MnR), rsum and counts are left as they are.
+
+    The library computes fractions (the definitions); reports (DVC metrics, MLflow) use this.
+    """
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out[k] = in_percent(v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and _FRACTION.match(k.rsplit("/", 1)[-1]):
+            out[k] = 100.0 * v
+        else:
+            out[k] = v
     return out
 
 

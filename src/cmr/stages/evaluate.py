@@ -1,7 +1,9 @@
 """Stage evaluate: test metrics before and after calibration, validation metrics, a random baseline.
 
-Writes the DVC metrics file (nested: ``val``, ``test.<method>``, ``random``) and
-recall@K curves as DVC plots. Only the validation numbers feed model selection and
+Writes the DVC metrics file (nested: ``val``, ``test.<method>``, ``random``; R@K, mAP,
+mINP and rsum all in percent) and the plots: ``recall_at_k.csv`` (the curves' numbers),
+``recall_at_k.png`` and ``calibration.png`` (images, so ``dvc plots show`` and the MLflow
+UI render them with no network). Only the validation numbers feed model selection and
 the registry; the test numbers are reported, never selected on.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from cmr.embeddings import load_split
 from cmr.errors import DataError
 from cmr.io import atomic_path, read_json, read_npz, write_json
-from cmr.retrieval.evaluation import both_directions, direction_names, positives_t2i, score_matrices
+from cmr.retrieval.evaluation import both_directions, direction_names, in_percent, positives_t2i, score_matrices
 from cmr.retrieval.metrics import recall_curve
 from cmr.config import Params
 from cmr.stages._common import log, stage_main
@@ -33,6 +35,46 @@ def random_baseline(positives: torch.Tensor, ks: Sequence[int], seed: int, draws
     return {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
 
 
+def _figure(ncols: int):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(1, ncols, figsize=(5 * ncols, 3.6), squeeze=False)
+
+
+def plot_recall_curves(curves: dict[str, list[float]], path: Path, names: dict | None = None) -> None:
+    """One panel per direction: recall@K (percent) against K, uncalibrated and calibrated."""
+    plt, fig, axes = _figure(2)
+    for ax, d in zip(axes[0], ("t2i", "i2t")):
+        for name, style in (("none", "-"), ("calibrated", "--")):
+            c = curves[f"{d}_{name}"]
+            ax.plot(range(1, len(c) + 1), c, style, label=name)
+        ax.set(title=f"{(names or {}).get(d, d)} (test)", xlabel="K", ylabel="R@K (%)", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_calibration(test: dict, method: str, ks: Sequence[int], chosen: dict, path: Path,
+                     names: dict | None = None) -> None:
+    """R@K (percent) on the test split before and after calibration, per direction."""
+    plt, fig, axes = _figure(2)
+    width = 0.38
+    for ax, d in zip(axes[0], ("t2i", "i2t")):
+        for i, (name, label) in enumerate((("none", "uncalibrated"), (method, method))):
+            vals = [test[name][f"{d}/R@{k}"] for k in ks]
+            ax.bar([j + (i - 0.5) * width for j in range(len(ks))], vals, width, label=label)
+        pick = chosen.get(d, {})
+        ax.set(title=f"{(names or {}).get(d, d)} (test); chosen on val: {pick.get('method', method)} {pick.get('options') or ''}".rstrip(),
+               xticks=range(len(ks)), xticklabels=[f"R@{k}" for k in ks], ylabel="%")
+        ax.legend()
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+
+
 def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int], seed: int,
         metrics_path: str, plots_dir: str, gallery: str = "image", query: str = "text") -> dict:
     """Metrics of the embeddings in ``embeddings_dir``; ``t2i`` is query -> gallery whatever the pair
@@ -45,16 +87,16 @@ def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int]
     z = read_npz(Path(calibration_dir) / "test_scores.npz", ("t2i", "i2t"))
     c_t2i, c_i2t = torch.from_numpy(z["t2i"]), torch.from_numpy(z["i2t"])
     val_pos = positives_t2i(val.text_item, val.image.shape[0], level, val.labels, val.identity)
-    metrics = {
+    metrics = in_percent({
         "val": both_directions(*score_matrices(val.image, val.text), val_pos, ks),
         "test": {"none": both_directions(t2i, i2t, pos, ks), method: both_directions(c_t2i, c_i2t, pos, ks)},
         "random": random_baseline(pos, ks, seed),
         "counts": {"test_items": int(test.image.shape[0]), "test_texts": int(test.text.shape[0]),
                    "val_items": int(val.image.shape[0])},
         "pair": {"gallery": gallery, "query": query, "directions": direction_names(gallery, query)},
-    }
+    })
     max_k = min(50, test.image.shape[0])
-    curves = {f"{d}_{name}": recall_curve(s, p, max_k)
+    curves = {f"{d}_{name}": [100.0 * r for r in recall_curve(s, p, max_k)]
               for name, (a, b) in (("none", (t2i, i2t)), ("calibrated", (c_t2i, c_i2t)))
               for d, s, p in (("t2i", a, pos), ("i2t", b, pos.T))}
     if Path(plots_dir).exists() and not Path(plots_dir).is_dir():
@@ -66,7 +108,10 @@ def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int]
             w = csv.writer(f)
             w.writerow(["k", *curves])
             for k in range(1, max_k + 1):
-                w.writerow([k, *(f"{c[k - 1]:.4f}" for c in curves.values())])
+                w.writerow([k, *(f"{c[k - 1]:.2f}" for c in curves.values())])
+        names = direction_names(gallery, query)
+        plot_recall_curves(curves, tmp / "recall_at_k.png", names)
+        plot_calibration(metrics["test"], method, ks, cal.get("chosen", {}), tmp / "calibration.png", names)
         write_json(metrics_path, metrics)
     chosen = {d: c["method"] for d, c in cal.get("chosen", {}).items()}
     log(f"evaluate: calibration chosen on validation per direction: {chosen}")

@@ -1,10 +1,15 @@
 """Stage register: log this pipeline execution to MLflow and register the model.
 
 The ``champion`` alias moves only if the new model beats the current champion on
-the validation metric (see :mod:`cmr.tracking.mlflow_log`).
+the validation metric (see :mod:`cmr.tracking.mlflow_log`). The run is named after the
+settings that differ from the committed ``params.yaml`` (and the DVC experiment, if any);
+the registered copy of the model references locked offline towers instead of storing
+them (:mod:`cmr.tracking.model_package`).
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -15,7 +20,7 @@ import yaml
 from cmr.config import Params
 from cmr.data.prepare import load_prepared
 from cmr.io import read_json, write_json
-from cmr.retrieval.evaluation import evaluate_embeddings
+from cmr.retrieval.evaluation import evaluate_embeddings, in_percent
 from cmr.stages._common import log, resolve_device, stage_main
 from cmr.tracking.provenance import dvc_dep_hash, git_commit
 
@@ -25,22 +30,54 @@ PIP_REQUIREMENTS = ["cmr", "torch", "open_clip_torch", "timm", "transformers", "
 
 def rescore_on_val(model_uri: str, prepared_dir: str, level: str, ks, metric: str, device: str,
                    cache_dir: str | None) -> float:
-    """Validation ``metric`` of a registered model on the current prepared data."""
+    """Validation ``metric`` (percent, as the metrics file has it) of a registered model on the current data."""
     import mlflow
 
-    from cmr.models import load_two_tower
+    from cmr.tracking.model_package import TOWERS_FILE, load_packaged
     from cmr.training.fit import split_features
 
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
-    specs = sorted(local.rglob("spec.json"))  # the pyfunc keeps the saved two-tower folder as an artifact
+    specs = sorted(local.rglob("spec.json"))  # the pyfunc keeps the model folder as an artifact
     model_dir = specs[0].parent if specs else local
-    bundle = load_two_tower(model_dir, device=device)
+    bundle = load_packaged(model_dir, device=device)
     prepared = load_prepared(prepared_dir)
-    # the registered copy's backbone may have been tuned: never reuse a feature cache for it
-    fs = split_features(bundle, prepared, "val", f"registered:{model_uri}", device, None)
+    if (model_dir / TOWERS_FILE).is_file():  # the installed offline towers, checked by digest: cached features fit
+        bid, cache = f"{bundle.spec.arch}|offline", cache_dir
+    else:  # the registered copy's backbone may have been tuned: never reuse a feature cache for it
+        bid, cache = f"registered:{model_uri}", None
+    fs = split_features(bundle, prepared, "val", bid, device, cache)
     with torch.no_grad():
         img, txt = bundle.model.head_image(fs.image.to(device)).cpu(), bundle.model.head_text(fs.text.to(device)).cpu()
-    return evaluate_embeddings(img, txt, fs.text_item, level, fs.labels, fs.identity, ks)[metric.removeprefix("val/")]
+    metrics = in_percent(evaluate_embeddings(img, txt, fs.text_item, level, fs.labels, fs.identity, ks))
+    return metrics[metric.removeprefix("val/")]
+
+
+def tracking_uri(uri: str) -> str:
+    """``uri`` with a relative SQLite path taken from the DVC project root when DVC runs the stage:
+    a queued experiment runs in a temporary copy, and its run belongs in the project's store."""
+    root = os.environ.get("DVC_ROOT")
+    if root and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
+        return f"sqlite:///{Path(root) / uri.removeprefix('sqlite:///')}"
+    return uri
+
+
+def committed_params(path: str = "params.yaml") -> dict:
+    """``params.yaml`` as committed at git HEAD ({} outside git or when it is not committed)."""
+    out = subprocess.run(["git", "show", f"HEAD:{path}"], capture_output=True, text=True)
+    return (yaml.safe_load(out.stdout) or {}) if out.returncode == 0 else {}
+
+
+def run_name(settings: dict, baseline: dict, commit: str, experiment: str | None = None, limit: int = 120) -> str:
+    """The settings that differ from ``baseline`` (e.g. ``finetune.epochs=4 calibrate.method=none``),
+    or ``params.yaml``; prefixed by the DVC experiment's name, suffixed by the commit."""
+    from cmr.tracking.mlflow_log import flatten
+
+    base = flatten(baseline, "")
+    what = " ".join(f"{k.replace('/', '.')}={v}" for k, v in flatten(settings, "").items()
+                    if k in base and base[k] != v) or "params.yaml"
+    if len(what) > limit:
+        what = what[:limit - 1] + "…"
+    return f"{experiment + ': ' if experiment else ''}{what} @{commit[:8]}"
 
 
 def run(p: Params) -> dict:
@@ -52,31 +89,36 @@ def run(p: Params) -> dict:
             "dataset": p.data.reader, "dvc_data_md5": dvc_dep_hash("dvc.lock", "ingest", p.data.source) or "none (not run by dvc repro)",
             "calibration": p.calibrate.method, "query_bank": p.calibrate.query_bank,
             # validation scores are comparable only under the same evaluation settings
-            "eval_settings": f"{p.evaluate.level} ks={list(p.evaluate.ks)}"}
+            "eval_settings": f"{p.evaluate.level} ks={list(p.evaluate.ks)} percent"}
     calibration = read_json(Path(paths.calibration) / "calibration.json")
     for direction, choice in calibration.get("chosen", {}).items():
         tags[f"calibration_chosen_{direction}"] = f"{choice['method']} {choice['options']}"
-    histories = {s: read_json(Path(d) / "history.json") for s, d in
+    histories = {s: [in_percent(row) for row in read_json(Path(d) / "history.json")] for s, d in
                  (("pretrain", paths.pretrained), ("finetune", paths.finetuned)) if (Path(d) / "history.json").exists()}
     device = resolve_device(p.device)
     from cmr.tracking.mlflow_log import log_pipeline_run
+    from cmr.tracking.model_package import package_model
 
     settings = p.model_dump(mode="json")
     with tempfile.TemporaryDirectory() as tmp:
         # the settings in effect (any --params file, any --set), not whatever params.yaml holds
         effective = Path(tmp) / "params.yaml"
         effective.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+        package = package_model(Path(paths.finetuned) / "model", Path(tmp) / "model")
+        tags["registered_towers"] = package["towers"]
+        log(f"register: model package {package['bytes'] / 1e6:.1f} MB (towers {package['towers']})")
         out = log_pipeline_run(
-            uri=p.tracking.uri, experiment=p.tracking.experiment, run_name=f"pipeline@{commit[:8]}",
+            uri=tracking_uri(p.tracking.uri), experiment=p.tracking.experiment,
+            run_name=run_name(settings, committed_params(), commit, os.environ.get("DVC_EXP_NAME")),
             params=settings, metrics=metrics, histories=histories,
             artifacts={"validation": paths.validation, "plots": paths.plots, "metrics": paths.metrics,
                        "calibration": str(Path(paths.calibration) / "calibration.json"), "params": str(effective),
                        "dvc": "dvc.lock"},
-            model_dir=paths.finetuned, tags=tags, model_name=p.register.model_name, alias=p.register.alias,
+            model_dir=str(Path(tmp) / "model"), tags=tags, model_name=p.register.model_name, alias=p.register.alias,
             select_metric=p.register.metric,
             rescore=lambda uri: rescore_on_val(uri, paths.prepared, p.evaluate.level, p.evaluate.ks,
                                                p.register.metric, device, paths.cache),
-            pip_requirements=PIP_REQUIREMENTS,
+            pip_requirements=PIP_REQUIREMENTS, log=log,
         )
     write_json(paths.registry, out)
     log(f"register: {out['decision']} (run {out['run_id']})")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,8 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 from cmr.errors import CmrError, ConfigError  # noqa: E402
 from cmr.retrieval.metrics import require_higher_is_better  # noqa: E402
-from cmr.tracking.pyfunc import TwoTowerEncoder  # noqa: E402
+from cmr.tracking.locks import registry_lock, store_init_lock  # noqa: E402
+from cmr.tracking.pyfunc import MODEL_CODE  # noqa: E402
 
 
 def metric_key(name: str) -> str:
@@ -43,17 +45,41 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def configure(uri: str, experiment: str) -> str:
-    """Point MLflow at ``uri`` (sqlite under mlruns/ by default); artifacts live beside it."""
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+def _open_store() -> MlflowClient:
+    """Open the tracking and the registry store (the first open of an empty database migrates it)."""
+    client = MlflowClient()  # opens the tracking store
+    client.search_experiments(max_results=1)
+    client.search_registered_models(max_results=1)
+    return client
+
+
+def configure(uri: str, experiment: str, attempts: int = 5) -> str:
+    """Point MLflow at ``uri`` (sqlite under mlruns/ by default); artifacts live beside it.
+
+    Safe to call from several processes at once on a fresh store: a SQLite store is opened
+    (and migrated) by one process at a time; elsewhere a migration collision is retried, and
+    an experiment created by another process in between is used as it is.
+    """
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    with store_init_lock(uri):
+        for attempt in range(attempts):
+            try:
+                client = _open_store()
+                break
+            except Exception as e:  # sqlalchemy's OperationalError / IntegrityError of a concurrent migration
+                if attempt == attempts - 1 or not re.search(r"duplicate|already exists", str(e), re.I):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None:
+            return exp.experiment_id
         root = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path("mlruns")
-        return client.create_experiment(experiment, artifact_location=(root.resolve() / "artifacts").as_uri())
-    return exp.experiment_id
+        try:
+            return client.create_experiment(experiment, artifact_location=(root.resolve() / "artifacts").as_uri())
+        except MlflowException as e:
+            if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return client.get_experiment_by_name(experiment).experiment_id
 
 
 @dataclass
@@ -86,19 +112,32 @@ def champion_score(client: MlflowClient, model_name: str, alias: str, metric: st
         run = None  # e.g. deleted and garbage-collected; the registered model files remain
     if (run is not None and all(run.data.tags.get(k) == v for k, v in comparable.items())
             and metric_key(metric) in run.data.metrics):
-        return mv.version, run.data.metrics[metric_key(metric)], f"logged with the same {', '.join(comparable)}"
+        return str(mv.version), run.data.metrics[metric_key(metric)], f"logged with the same {', '.join(comparable)}"
     try:
         score = rescore(f"models:/{model_name}/{mv.version}")
     except (MlflowException, OSError, CmrError) as e:
         raise CmrError(f"champion v{mv.version} of {model_name!r} (alias {alias!r}) cannot be re-scored: "
                        f"{str(e).splitlines()[0]}; restore its files or move the alias") from None
-    return mv.version, score, "re-scored on the current validation split"
+    return str(mv.version), score, "re-scored on the current validation split"
+
+
+def decide(version: str, new_score: float, prev: str | None, prev_score: float | None, how: str,
+           metric: str) -> Decision:
+    """Move the alias to ``version`` when there is no champion or it scores strictly higher."""
+    if prev is None:
+        return Decision(True, f"moved to v{version}: {metric}={new_score:.4f} (no champion yet)", version, None)
+    if new_score > prev_score:
+        return Decision(True, f"moved to v{version}: {metric}={new_score:.4f} > champion v{prev}'s "
+                              f"{prev_score:.4f} ({how})", version, prev)
+    return Decision(False, f"kept v{prev}: new v{version} {metric}={new_score:.4f} <= champion's "
+                           f"{prev_score:.4f} ({how})", version, prev)
 
 
 def log_pipeline_run(*, uri: str, experiment: str, run_name: str, params: dict, metrics: dict,
                      histories: dict[str, list[dict]], artifacts: dict[str, str], model_dir: str,
                      tags: dict[str, str], model_name: str, alias: str, select_metric: str,
-                     rescore: Callable[[str], float], pip_requirements: list[str]) -> dict:
+                     rescore: Callable[[str], float], pip_requirements: list[str],
+                     log: Callable[[str], None] = lambda msg: None) -> dict:
     flat = flatten(metrics)
     if select_metric not in flat:
         raise ConfigError(f"register metric {select_metric!r} is not in the metrics; have "
@@ -121,30 +160,24 @@ def log_pipeline_run(*, uri: str, experiment: str, run_name: str, params: dict, 
                 mlflow.log_artifacts(str(p), artifact_path=name)
             elif p.exists():
                 mlflow.log_artifact(str(p), artifact_path=name)
-        # the champion's score first: a failure there must not leave a registered version behind
-        prev, prev_score, how = champion_score(client, model_name, alias, select_metric,
-                                               {k: tags.get(k, "") for k in COMPARABLE_TAGS}, rescore)
-        info = mlflow.pyfunc.log_model(name="model", python_model=TwoTowerEncoder(),
-                                       artifacts={"model_dir": str(Path(model_dir) / "model")},
-                                       pip_requirements=pip_requirements, registered_model_name=model_name)
-        version = str(info.registered_model_version)
-        if prev is None or new_score > prev_score:
-            why = (f"moved to v{version}: {select_metric}={new_score:.4f}" +
-                   ("" if prev is None else f" > champion v{prev}'s {prev_score:.4f} ({how})") +
-                   ("" if prev is not None else " (no champion yet)"))
-            decision = Decision(True, why, version, prev)
-        else:
-            why = (f"kept v{prev}: new v{version} {select_metric}={new_score:.4f} <= champion's "
-                   f"{prev_score:.4f} ({how})")
-            decision = Decision(False, why, version, prev)
-        try:
-            mlflow.set_tag("champion_decision", decision.reason)
-            client.set_model_version_tag(model_name, version, "champion_decision", decision.reason)
-            if decision.moved:  # last: until here the old champion keeps its alias
-                client.set_registered_model_alias(model_name, alias, version)
-        except Exception:
-            client.delete_model_version(model_name, version)  # no half-registered version
-            raise
+        info = mlflow.pyfunc.log_model(name="model", python_model=MODEL_CODE, artifacts={"model_dir": str(model_dir)},
+                                       pip_requirements=pip_requirements)
+        # read the champion, decide, register and move the alias as one step per registered
+        # model: a concurrent registration waits here, then sees this one's outcome
+        with registry_lock(client, model_name, log=log):
+            # the champion's score first: a failure there must not leave a registered version behind
+            prev, prev_score, how = champion_score(client, model_name, alias, select_metric,
+                                                   {k: tags.get(k, "") for k in COMPARABLE_TAGS}, rescore)
+            version = str(mlflow.register_model(info.model_uri, model_name).version)
+            decision = decide(version, new_score, prev, prev_score, how, select_metric)
+            try:
+                mlflow.set_tag("champion_decision", decision.reason)
+                client.set_model_version_tag(model_name, version, "champion_decision", decision.reason)
+                if decision.moved:  # last: until here the old champion keeps its alias
+                    client.set_registered_model_alias(model_name, alias, version)
+            except Exception:
+                client.delete_model_version(model_name, version)  # no half-registered version
+                raise
         return {"run_id": run.info.run_id, "experiment_id": exp_id, "model_name": model_name, "version": version,
                 "alias_moved": decision.moved, "decision": decision.reason, "previous_champion": decision.previous,
                 select_metric: new_score}
