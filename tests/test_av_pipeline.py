@@ -74,6 +74,14 @@ def test_video_audio_pipeline_end_to_end(tmp_path):
     assert test["image"].shape == test["text"].shape and (test["text_item"] == np.arange(len(test["ids"]))).all()
     assert (tmp_path / "data/av/models/pretrain/reconstruction.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "data/av/reports/register.json").read_text())["run_id"]
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(params["tracking"]["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{params['register']['model_name']}@champion")
+    audio = sorted((AV_SAMPLE / "audio").glob("*.wav"))[:2]
+    emb = model.predict(pd.DataFrame({"audio_path": [str(a) for a in audio]}))
+    assert emb.shape == (2, params["model"]["embed_dim"]) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
     table = subprocess.run([sys.executable, "-m", "cmr.cli", "--params", "params.yaml", "metrics"], cwd=tmp_path,
                            env=env, capture_output=True, text=True)
     assert table.returncode == 0 and "a2v R@1" in table.stdout and "v2a R@10" in table.stdout

