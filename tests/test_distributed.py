@@ -96,3 +96,50 @@ def test_a_crashed_rank_fails_the_run_and_leaves_the_output_as_it_was(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no half-written temporary beside it
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["result.json"]
     assert (tmp_path / "run" / "result.json").read_text() == "previous"
+
+
+@pytest.mark.slow
+def test_the_pretrain_stage_under_torchrun_writes_what_one_process_writes(tmp_path):
+    """`torchrun -m cmr.stages.pretrain` on 80 real items: same selected epoch, history and validation
+    metrics as the single-process stage (which also fills the feature cache that the ranks then read)."""
+    import shutil
+
+    import yaml
+
+    from conftest import DEFAULT_DATA, REPO
+
+    data = tmp_path / "data" / "raw" / "mini"
+    data.mkdir(parents=True)
+    lines = (DEFAULT_DATA / "items.jsonl").read_text().splitlines()[:80]
+    (data / "items.jsonl").write_text("\n".join(lines) + "\n")
+    for line in lines:
+        rel = json.loads(line)["image"]
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DEFAULT_DATA / rel, data / rel)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source="data/raw/mini", val_fraction=0.2, test_fraction=0.2)
+    params["pretrain"].update(epochs=3, batch_size=16)
+    params["device"] = "cpu"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+
+    def run(*cmd):
+        done = subprocess.run([sys.executable, *cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+
+    run("-m", "cmr.stages.ingest")
+    run("-m", "cmr.stages.pretrain", "--set", "paths.pretrained=data/one")
+    log = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cmr.stages.pretrain",
+              "--set", "paths.pretrained=data/two")
+    assert log.count("pretrain: epoch 3:") == 1  # rank 0 alone logs
+    one, two = ({name: json.loads((tmp_path / "data" / d / name).read_text())
+                 for name in ("metrics.json", "history.json", "training.json")} for d in ("one", "two"))
+    assert two["training.json"] == one["training.json"]  # best epoch, seed, data version, backbone
+    assert two["metrics.json"] == pytest.approx(one["metrics.json"], rel=1e-5)
+    assert len(two["history.json"]) == 3
+    for have, want in zip(two["history.json"], one["history.json"]):
+        assert have == pytest.approx(want, rel=1e-4)
