@@ -61,12 +61,13 @@ def test_two_processes_take_the_single_process_steps(tmp_path):
     assert len(reference["grads"]) == 3  # 48 pairs, global batch 16
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert got["loss"] == pytest.approx(reference["loss"], rel=1e-6)
+        assert len(got["grads"]) == 3
         for step, (want, have) in enumerate(zip(reference["grads"], got["grads"])):
             assert set(have) == set(want) and "loss.losses.ce.classifier.weight" in want
             for name in want:
                 torch.testing.assert_close(have[name], want[name], atol=1e-6, rtol=1e-5,
                                            msg=lambda m: f"rank {rank} step {step} {name}: {m}")
+        assert got["loss"] == pytest.approx(reference["loss"], rel=1e-6)  # the epoch's mean global loss
 
 
 @pytest.mark.slow
