@@ -2,8 +2,9 @@
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py MODE OUT_DIR
 
-MODE "steps": two steps of the engine's epoch loop under plain SGD; every rank saves the
-loss and the gradients of each step to OUT_DIR/rank<r>.pt. MODE "train": a short
+MODE "steps" (InfoNCE + CE) or "steps-triplet" (triplet + CE: ``logit_scale`` gets no gradient):
+an epoch of the engine's loop under plain SGD; every rank saves the loss and the gradients of
+each step to OUT_DIR/rank<r>.pt. MODE "train": a short
 ``train_heads`` run; rank 0 writes its result to OUT_DIR/run through ``write_on_main``.
 MODE "crash": as "train", but rank 1 raises after epoch 1 (OUT_DIR/run must stay as it was).
 
@@ -56,7 +57,10 @@ def synthetic(n_items: int, gen: torch.Generator, mix: torch.Tensor) -> FeatureS
     return FeatureSet(image, text, owner, labels)
 
 
-def setup():
+LOSSES = {"steps": {"infonce": 1.0, "ce": 0.5}, "steps-triplet": {"triplet": 1.0, "ce": 0.5}}
+
+
+def setup(losses=LOSSES["steps"]):
     """(model, loss, train FeatureSet [48 pairs], val FeatureSet), the same in every process."""
     gen = torch.Generator().manual_seed(0)
     mix = torch.randn(FEAT_IMAGE, FEAT_TEXT, generator=gen)
@@ -64,12 +68,12 @@ def setup():
     torch.manual_seed(0)
     model = TinyHeads()
     # "ce" has its own classifier: parameters the loss reads directly, as logit_scale
-    loss = build_loss({"infonce": 1.0, "ce": 0.5}, {}, EMBED, CLASSES)
+    loss = build_loss(losses, {}, EMBED, CLASSES)
     return model, loss, train, val
 
 
 class RecordingSGD(torch.optim.SGD):
-    """SGD that keeps a copy of every gradient it steps with."""
+    """SGD that keeps a copy of every gradient it steps with (None: the parameter got none)."""
 
     def __init__(self, named, lr):
         self.names, self.seen = [n for n, _ in named], []
@@ -77,13 +81,14 @@ class RecordingSGD(torch.optim.SGD):
 
     def step(self, closure=None):
         params = self.param_groups[0]["params"]
-        self.seen.append({n: p.grad.detach().clone() for n, p in zip(self.names, params)})
+        self.seen.append({n: None if p.grad is None else p.grad.detach().clone()
+                          for n, p in zip(self.names, params)})
         return super().step(closure)
 
 
-def run_steps(dist=None) -> dict:
+def run_steps(dist=None, mode: str = "steps") -> dict:
     """One epoch (three steps of GLOBAL_BATCH pairs) through ``_epoch_runner``: losses and gradients."""
-    model, loss, train, _ = setup()
+    model, loss, train, _ = setup(LOSSES[mode])
     named = [(f"model.{n}", p) for n, p in model.named_parameters()] + \
             [(f"loss.{n}", p) for n, p in loss.named_parameters()]
     opt = RecordingSGD(named, lr=0.5)
@@ -108,8 +113,8 @@ def run_train(dist=None, log=lambda m: None):
 
 def main(mode: str, out: Path) -> None:
     dist = init_from_env("cpu")
-    if mode == "steps":
-        torch.save(run_steps(dist), out / f"rank{dist.rank}.pt")
+    if mode in LOSSES:
+        torch.save(run_steps(dist, mode), out / f"rank{dist.rank}.pt")
     else:
         def log(msg: str) -> None:
             if mode == "crash" and dist.rank == 1 and msg.startswith("epoch 1:"):

@@ -52,12 +52,15 @@ def test_one_process_has_no_group_and_writes(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_processes_take_the_single_process_steps(tmp_path):
+@pytest.mark.parametrize("mode", ["steps", "steps-triplet"])
+def test_two_processes_take_the_single_process_steps(tmp_path, mode):
     """Each step's loss and every gradient (heads: summed over ranks; logit_scale and the ce
-    classifier, which the loss reads directly: averaged) equal one process on the global batch."""
-    done = torchrun("steps", tmp_path)
+    classifier, which the loss reads directly: averaged) equal one process on the global batch;
+    under triplet, logit_scale has no gradient in either."""
+    done = torchrun(mode, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    reference = ddp_worker.run_steps()
+    reference = ddp_worker.run_steps(mode=mode)
+    assert (reference["grads"][0]["model.logit_scale"] is None) == (mode == "steps-triplet")
     assert len(reference["grads"]) == 3  # 48 pairs, global batch 16
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
@@ -65,6 +68,9 @@ def test_two_processes_take_the_single_process_steps(tmp_path):
         for step, (want, have) in enumerate(zip(reference["grads"], got["grads"])):
             assert set(have) == set(want) and "loss.losses.ce.classifier.weight" in want
             for name in want:
+                if want[name] is None:
+                    assert have[name] is None, f"rank {rank} step {step} {name}: a gradient where one process has none"
+                    continue
                 torch.testing.assert_close(have[name], want[name], atol=1e-6, rtol=1e-5,
                                            msg=lambda m: f"rank {rank} step {step} {name}: {m}")
         assert got["loss"] == pytest.approx(reference["loss"], rel=1e-6)  # the epoch's mean global loss

@@ -75,11 +75,15 @@ class Distributed:
 
         Sums the gradients of the parameters that make embeddings and averages those of
         ``model.logit_scale`` and ``loss_fn``'s parameters (see the module docstring), in one
-        flat all-reduce per dtype. A trainable parameter without a gradient counts as zero.
+        flat all-reduce per dtype. A trainable parameter without a gradient (one the loss did not
+        reach, e.g. ``logit_scale`` under a margin loss) takes part as zeros and is left without
+        one, as in one process, so that AdamW skips it there too.
         """
         read_by_loss = {id(p) for p in [model.logit_scale, *loss_fn.parameters()]}
         params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
         params = list({id(p): p for p in params}.values())  # a parameter shared by both counts once
+        # the same code on the same global batch: a gradient is missing on every rank or on none
+        missing = [p for p in params if p.grad is None]
         by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
         for p in params:
             if p.grad is None:
@@ -91,6 +95,8 @@ class Distributed:
             tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
             for p, g in zip(group, flat.split([p.numel() for p in group])):
                 p.grad.copy_(g.view_as(p.grad))
+        for p in missing:
+            p.grad = None
 
 
 def init_from_env(device: str = "cpu", timeout_s: float = 1800.0) -> Distributed | None:
