@@ -108,7 +108,7 @@ def test_a_crashed_rank_fails_the_run_and_leaves_the_output_as_it_was(tmp_path):
 @pytest.mark.slow
 def test_the_pretrain_stage_under_torchrun_writes_what_one_process_writes(tmp_path):
     """`torchrun -m cmr.stages.pretrain` on 80 real items: same selected epoch, history and validation
-    metrics as the single-process stage (which also fills the feature cache that the ranks then read)."""
+    metrics as the single-process stage."""
     import shutil
 
     import yaml
@@ -139,9 +139,10 @@ def test_the_pretrain_stage_under_torchrun_writes_what_one_process_writes(tmp_pa
         return done.stderr
 
     run("-m", "cmr.stages.ingest")
-    run("-m", "cmr.stages.pretrain", "--set", "paths.pretrained=data/one")
+    # ranks first: rank 0 fills the feature cache while rank 1 waits, then reads it; one process reads it too
     log = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cmr.stages.pretrain",
               "--set", "paths.pretrained=data/two")
+    run("-m", "cmr.stages.pretrain", "--set", "paths.pretrained=data/one")
     assert log.count("pretrain: epoch 3:") == 1  # rank 0 alone logs
     one, two = ({name: json.loads((tmp_path / "data" / d / name).read_text())
                  for name in ("metrics.json", "history.json", "training.json")} for d in ("one", "two"))
