@@ -66,6 +66,7 @@ def test_bench_ddp_runs_one_process_on_cpu(capsys, monkeypatch):
     assert out["world_size"] == 1 and out["single"] > 0
     assert re.search(r"1 process: +[\d,]+\.\d pairs/s", text) and "start with torchrun --nproc_per_node N" in text
 
+
 @pytest.mark.slow
 def test_bench_gpu_runs_its_three_parts_on_cpu(capsys, tmp_path):
     # toy size on the CPU: the same code paths as on CUDA, without autocast (CPU has none here)
@@ -80,4 +81,3 @@ def test_bench_gpu_runs_its_three_parts_on_cpu(capsys, tmp_path):
     rows = re.findall(r"^  (pretrain \(heads\)|finetune, towers (?:un)?locked) +(\d+) +(\d+\.\d)", out, re.M)
     assert [r[0] for r in rows] == ["pretrain (heads)", "finetune, towers locked", "finetune, towers unlocked"]
     assert all(int(r[1]) in (0, 1) for r in rows)  # one epoch each: the start or epoch 1, chosen on validation
-
