@@ -57,6 +57,16 @@ def test_bench_encode_prints_overhead_ratio(capsys):
     assert len(ratios(out, r"(?:median|best): overhead ratio pipeline / bare open_clip: (\d+\.\d+)")) == 2
 
 
+@pytest.mark.slow  # builds the towers: ~60 s on 2 loaded cores
+def test_bench_ddp_runs_one_process_on_cpu(capsys, monkeypatch):
+    # one process here (no torchrun): the single-process rate only; tests/test_distributed.py covers 2 ranks
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = load("bench_ddp").main(["--device", "cpu", "--model", "heads", "--per-gpu-batch", "8", "--steps", "2"])
+    text = capsys.readouterr().out
+    assert out["world_size"] == 1 and out["single"] > 0
+    assert re.search(r"1 process: +[\d,]+\.\d pairs/s", text) and "start with torchrun --nproc_per_node N" in text
+
+
 @pytest.mark.slow
 def test_bench_gpu_runs_its_three_parts_on_cpu(capsys, tmp_path):
     # toy size on the CPU: the same code paths as on CUDA, without autocast (CPU has none here)

@@ -44,6 +44,8 @@ def stage_main(name: str, body: Callable[[Params], object], argv: list[str] | No
     try:
         body(load_params(args.params, parse_overrides(args.set)))
     except CmrError as e:
-        log(f"cmr {name}: error: {e}")
+        # under torchrun every rank may fail alike, or one alone: say which
+        rank = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        log(f"cmr {name}{rank}: error: {e}")
         return 2
     return 0

@@ -103,6 +103,11 @@ METHODS.register("two_tower")(Method(
 
 
 def _common(p: Params, section: str) -> dict:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would each train alone and race to write
+        raise ConfigError(f"model.arch {p.model.arch!r}: data-parallel training (torchrun, WORLD_SIZE="
+                          f"{os.environ['WORLD_SIZE']}) is implemented for two-tower archs only; run one process")
     cfg = getattr(p, section)
     return dict(arch=p.model.arch, gallery=p.data.gallery, query=p.data.query, spec=media_spec(p), epochs=cfg.epochs,
                 batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=p.seed,

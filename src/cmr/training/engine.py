@@ -25,6 +25,7 @@ from cmr.errors import ConfigError
 from cmr.losses import LossInputs
 from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.retrieval.metrics import require_higher_is_better
+from cmr.training.distributed import Distributed, all_gather_with_grad
 from cmr.training.features import FeatureSet, _tokens_to, image_batches
 
 
@@ -130,25 +131,35 @@ def _select(model, loss_fn, epochs: int, run_epoch: Callable[[int], dict], evalu
 
 
 def _epoch_runner(model, loss_fn, opt, sched, fs: FeatureSet, batch_size: int, gen: torch.Generator,
-                  device: str, embed: Callable[[list[torch.Tensor]], Iterable[tuple]]) -> Callable[[int], dict]:
+                  device: str, embed: Callable[[list[torch.Tensor]], Iterable[tuple]],
+                  dist: Distributed | None = None) -> Callable[[int], dict]:
     """One pass over the (text, item) pairs.
 
     ``embed(batches)`` yields (image [B, D], text [B, D]) for each batch of text rows in
-    turn; a generator, so the tower path can decode images ahead of the step.
+    turn; a generator, so the tower path can decode images ahead of the step. With ``dist``
+    (:mod:`cmr.training.distributed`) it gets this rank's B / N rows of each batch, and the
+    loss sees the all-gathered global batch.
     """
     labels_fs = _on(fs, device)
+    if dist is not None:
+        dist.start(model, loss_fn, seed=torch.initial_seed())  # the seed seed_everything set
 
     def run_epoch(_epoch: int) -> dict:
         model.train()
         loss_fn.train()
         sums: dict[str, float] = {}
         batches = _pair_batches(fs, batch_size, gen)
-        for rows, (img, txt) in zip(batches, embed(batches)):
+        local = batches if dist is None else [dist.shard(rows) for rows in batches]
+        for rows, (img, txt) in zip(batches, embed(local)):
+            if dist is not None:
+                img, txt = all_gather_with_grad(img), all_gather_with_grad(txt)
             item = fs.text_item[rows]
             total, parts = loss_fn(_loss_inputs(img.float(), txt.float(), model.logit_scale.exp(),
                                                 item.to(device), labels_fs))
             opt.zero_grad(set_to_none=True)
             total.backward()
+            if dist is not None:
+                dist.all_reduce_gradients(model, loss_fn)
             opt.step()
             sched.step()
             with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 destabilises training
@@ -162,8 +173,9 @@ def _epoch_runner(model, loss_fn, opt, sched, fs: FeatureSet, batch_size: int, g
 
 def train_heads(model, loss_fn, train: FeatureSet, val: FeatureSet, *, epochs: int, batch_size: int, lr: float,
                 weight_decay: float, select_metric: str, seed: int, device: str = "cpu", level: str = "instance",
-                ks: Sequence[int] = (1, 5, 10), log: Callable[[str], None] = print) -> TrainResult:
-    """Train heads (+ logit_scale + loss parameters) on cached backbone features."""
+                ks: Sequence[int] = (1, 5, 10), log: Callable[[str], None] = print,
+                dist: Distributed | None = None) -> TrainResult:
+    """Train heads (+ logit_scale + loss parameters) on cached backbone features; ``dist``: data-parallel."""
     gen = seed_everything(seed)
     model.to(device)
     loss_fn.to(device)
@@ -176,7 +188,7 @@ def train_heads(model, loss_fn, train: FeatureSet, val: FeatureSet, *, epochs: i
         for rows in batches:
             yield model.head_image(img_all[train.text_item[rows].to(device)]), model.head_text(txt_all[rows.to(device)])
 
-    run_epoch = _epoch_runner(model, loss_fn, opt, sched, train, batch_size, gen, device, embed)
+    run_epoch = _epoch_runner(model, loss_fn, opt, sched, train, batch_size, gen, device, embed, dist)
     return _select(model, loss_fn, epochs, run_epoch, lambda: validate(model, val, device, level, ks),
                    select_metric, log)
 
@@ -192,9 +204,11 @@ def train_towers(model, loss_fn, tokenizer, preprocess_train, encode_val: Callab
                  weight_decay: float, select_metric: str, seed: int, device: str = "cpu", amp: bool = True,
                  backbone_lr: float | None = None, freeze_bn_stats: bool = True, workers: int = 0,
                  level: str = "instance",
-                 ks: Sequence[int] = (1, 5, 10), log: Callable[[str], None] = print) -> TrainResult:
+                 ks: Sequence[int] = (1, 5, 10), log: Callable[[str], None] = print,
+                 dist: Distributed | None = None) -> TrainResult:
     """Fine-tune with at least one tower unlocked; images decoded and augmented each step
-    (``workers`` > 0: that many processes decode ahead, see :func:`cmr.training.features.image_batches`).
+    (``workers`` > 0: that many processes decode ahead, see :func:`cmr.training.features.image_batches`;
+    ``dist``: data-parallel).
 
     ``train_fs`` supplies text_item/labels/identity of the train split (its feature tensors
     are unused: :func:`cmr.training.fit.split_pairs`); ``encode_val`` returns validation *head* embeddings as a FeatureSet.
@@ -213,6 +227,7 @@ def train_towers(model, loss_fn, tokenizer, preprocess_train, encode_val: Callab
         rels = [[train_items[i].image for i in train_fs.text_item[rows].tolist()] for rows in batches]
         # the workers' augmentation seed, new each epoch (drawn only with workers: 0 keeps the old stream)
         seed = int(torch.randint(2**31 - 1, (1,), generator=gen)) if workers else 0
+        seed += 0 if dist is None else dist.rank  # each rank augments its own images with its own draws
         pixel_batches = image_batches(root, rels, preprocess_train, workers, seed, pin_memory=device.startswith("cuda"))
         for rows, pixels in zip(batches, pixel_batches):
             pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -221,7 +236,7 @@ def train_towers(model, loss_fn, tokenizer, preprocess_train, encode_val: Callab
                 out = model.encode_image(pixels), model.encode_text(tokens)
             yield out  # outside autocast: the loss runs in float32
 
-    run_epoch = _epoch_runner(model, loss_fn, opt, sched, train_fs, batch_size, gen, device, embed)
+    run_epoch = _epoch_runner(model, loss_fn, opt, sched, train_fs, batch_size, gen, device, embed, dist)
 
     def evaluate():
         fs = encode_val()

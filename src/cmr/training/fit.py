@@ -14,9 +14,10 @@ import torch
 from cmr.data.prepare import Prepared
 from cmr.data.schema import by_split
 from cmr.errors import ConfigError
-from cmr.io import atomic_path, read_json, write_json
+from cmr.io import read_json, write_json
 from cmr.losses import LOSSES, build_loss
 from cmr.models import build_two_tower, load_two_tower, save_two_tower
+from cmr.training.distributed import Distributed, is_main, local_main_first, write_on_main
 from cmr.training.engine import TrainResult, train_heads, train_towers
 from cmr.training.features import (FeatureSet, cache_key, cached_backbone_features, compute_backbone_features,
                                    identity_vector, label_matrix, texts_of)
@@ -76,7 +77,11 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
         lock_image: bool, lock_text: bool, losses: dict, loss_options: dict, epochs: int, batch_size: int,
         lr: float, weight_decay: float, select_metric: str, seed: int, device: str, amp: bool, level: str,
         ks: Sequence[int], cache_dir: str | None, log: Callable[[str], None],
-        backbone_lr: float | None = None, freeze_bn_stats: bool = True, workers: int = 0) -> TrainResult:
+        backbone_lr: float | None = None, freeze_bn_stats: bool = True, workers: int = 0,
+        dist: Distributed | None = None) -> TrainResult:
+    """Train and save to ``out_dir``. ``dist`` (:func:`cmr.training.distributed.init_from_env`): one
+    of several data-parallel processes; ``batch_size`` is then the global batch, rank 0 alone logs
+    and writes ``out_dir``, once every rank has finished."""
     torch.manual_seed(seed)
     if init_dir:
         bundle = load_two_tower(Path(init_dir) / "model", device=device)
@@ -98,9 +103,12 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
         model.lock_text_tower()
     loss_fn = build_loss(losses, loss_options, model.embed_dim, num_classes_for(prepared, losses))
     common = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                  select_metric=select_metric, seed=seed, device=device, level=level, ks=ks, log=log)
+                  select_metric=select_metric, seed=seed, device=device, level=level, ks=ks,
+                  log=log if is_main(dist) else (lambda m: None), dist=dist)
     if lock_image and lock_text:
-        features = {s: split_features(bundle, prepared, s, bid, device, cache_dir, workers) for s in ("train", "val")}
+        with local_main_first(dist):  # one process per machine fills the feature cache
+            features = {s: split_features(bundle, prepared, s, bid, device, cache_dir, workers)
+                        for s in ("train", "val")}
         result = train_heads(model, loss_fn, features["train"], features["val"], **common)
     else:
         def encode_val() -> FeatureSet:
@@ -117,7 +125,8 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
                               backbone_lr=backbone_lr, freeze_bn_stats=freeze_bn_stats, workers=workers,
                               **common)
     tuned = (not lock_image or not lock_text) or bid.startswith("tuned:")
-    with atomic_path(out_dir) as tmp:
+
+    def save(tmp: Path) -> None:
         tmp.mkdir()
         save_two_tower(model.cpu(), bundle.spec, tmp / "model")
         write_json(tmp / TRAINING_FILE, {
@@ -127,4 +136,6 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
         write_json(tmp / "history.json", result.history)
         write_json(tmp / "metrics.json", {f"val/{k}": v for k, v in result.best.items()} |
                    {"best_epoch": result.best_epoch})
+
+    write_on_main(dist, out_dir, save)
     return result
