@@ -137,3 +137,29 @@ def test_recall_options_are_checked(data):
         build_index("hnsw", gallery[:100], ids[:100], recall_sample=-1)
     with pytest.raises(DataError, match="recall_queries"):
         build_index("hnsw", gallery[:100], ids[:100], recall_queries=np.zeros((3, 5)))
+
+
+def test_index_stage_builds_ivfpq_on_disk_with_bias_and_records_recall(tmp_path):
+    """The index stage with kind ivfpq: a calibrated (bias-column, 65-d) on-disk index per modality whose
+    build-time recall used the other modality as queries, and which loads and searches like flat."""
+    from cmr.embeddings import SplitEmbeddings, save_split
+    from cmr.stages.index import run
+
+    both = clustered(3000, seed=5, spread=1.0)
+    image, text = torch.from_numpy(both[:1500]), torch.from_numpy(both[1500:])
+    ids = [f"i{n}" for n in range(1500)]
+    save_split(tmp_path / "emb" / "test.npz", SplitEmbeddings(image, text, torch.arange(1500), ids,
+                                                                [f"t{n}" for n in range(1500)], None, None))
+    (tmp_path / "cal").mkdir()
+    np.savez(tmp_path / "cal" / "serving_bias.npz", image=np.full(1500, -0.1, np.float32))
+    info = run(str(tmp_path / "emb"), str(tmp_path / "cal"), "ivfpq", {"nlist": 8, "nbits": 6,
+               "on_disk": True, "nprobe": 8}, "cpu", str(tmp_path / "index"))
+    assert info["calibrated"] and 0 < info["images/recall_at_10"] <= 1 and 0 < info["texts/recall_at_10"] <= 1
+    images = load_index(tmp_path / "index" / "images", expect_dim=65, expect_count=1500)
+    assert (tmp_path / "index" / "images" / "lists.ivfdata").is_file()
+    assert images.faiss_index.pq.M == 5 and load_index(tmp_path / "index" / "texts").faiss_index.pq.M == 8
+    assert images.build_stats["recall_query_source"] == "given queries"
+    assert images.build_stats["recall_queries"] == 1000
+    queries = np.concatenate([both[1500:1510], np.ones((10, 1), np.float32)], axis=1)
+    truth = torch_topk_rows(np.concatenate([both[:1500], np.full((1500, 1), -0.1, np.float32)], 1), queries, 10)
+    assert naive_recall(images.search(queries, 10)[1], truth) > 0.3

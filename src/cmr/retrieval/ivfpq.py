@@ -30,7 +30,8 @@ def pq_m(dim: int, m: int | None) -> int:
     if m is None:
         return max(d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0)
     if isinstance(m, bool) or not isinstance(m, int) or m < 1 or dim % m:
-        raise ConfigError(f"index 'ivfpq': m must be a whole number >= 1 that divides the dimension {dim}, got {m!r}")
+        raise ConfigError(f"index 'ivfpq': m must be a whole number >= 1 that divides the dimension {dim}, got {m!r} "
+                          "(a calibration bias adds one dimension to the image index: leave m null to choose it)")
     return m
 
 
