@@ -55,8 +55,8 @@ def _sequential(fn, cells, *, address=None, retries=0, name="cell") -> list:
 @contextlib.contextmanager
 def prefect_api_for_workers() -> Iterator[str]:
     """Within the block ``PREFECT_API_URL`` names a Prefect API, in this process's settings and in
-    ``os.environ`` for processes started inside it: the user's server when it is set, else a
-    temporary local one. Without it every Dask worker process starts a temporary server of its
+    ``os.environ`` for processes started inside it: the user's server when it is set, else
+    Prefect's temporary local one. Without it every Dask worker process starts a temporary server of its
     own (30 s apiece here) and leaves it behind when the worker is killed."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -65,6 +65,8 @@ def prefect_api_for_workers() -> Iterator[str]:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
+    # Prefect's own temporary server (one a process; a no-op when already running), left running for
+    # the next wave of cells and stopped when this process exits, as Prefect does with it.
     server = SubprocessASGIServer()
     server.start(timeout=_SERVER_START_S)
     os.environ["PREFECT_API_URL"] = server.api_url
@@ -73,7 +75,6 @@ def prefect_api_for_workers() -> Iterator[str]:
             yield server.api_url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        server.stop()
 
 
 @TASK_RUNNERS.register("dask")
