@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cmr.errors import ConfigError, DataError
-from cmr.retrieval.index import build_index, load_index, recall_vs_exact
+from cmr.retrieval.index import build_index, load_index
 from cmr.retrieval.ivfpq import pq_m
 from test_index import clustered
 
