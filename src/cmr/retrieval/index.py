@@ -279,6 +279,7 @@ def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto",
     if not _whole(recall_sample, 0) or not _whole(recall_k, 1):
         raise ConfigError(f"index build: recall_sample must be >= 0 and recall_k >= 1, got {recall_sample!r}, "
                           f"{recall_k!r}")
+    pool = x if recall_queries is None else _as_matrix(recall_queries, "recall_queries", x.shape[1])
     index = Index(spec.make(x.shape[1], len(x), **build), ids, kind, build, {})
     rng = np.random.default_rng(seed)
     rows = spec.train_rows(len(x), build, index.faiss_index) if spec.train_rows else len(x)
@@ -289,7 +290,6 @@ def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto",
     index.faiss_index.add(x)
     index.tune(**search)
     if not spec.exact and recall_sample:
-        pool = x if recall_queries is None else _as_matrix(recall_queries, "recall_queries", x.shape[1])
         queries = pool[np.sort(rng.choice(len(pool), min(recall_sample, len(pool)), replace=False))]
         k = min(recall_k, len(x))
         _, truth = faiss.knn(queries, x, k, metric=faiss.METRIC_INNER_PRODUCT)
