@@ -59,7 +59,7 @@ def cluster(tmp_path_factory):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test file
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
     with prefect_api_for_workers():
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
             yield local
 
 
@@ -77,6 +77,19 @@ def test_dask_same_results_and_a_killed_worker_has_its_cell_retried(cluster, tmp
         assert len(pids) == 2, f"{fail}: the cell ran {len(pids)} times"
         if fail == "exit":  # the second attempt ran in another (or a restarted) worker process
             assert pids[0] != pids[1]
+
+
+@pytest.mark.slow
+def test_dask_without_an_address_makes_one_local_cluster_for_every_wave(cluster):
+    from cmr.studies import fanout
+
+    cells = [{"x": x} for x in range(4)]
+    assert run_cells(square, cells, "dask") == run_cells(square, cells)
+    first = fanout._LOCAL_CLUSTER[0]
+    assert run_cells(square, cells[:2], "dask") == run_cells(square, cells[:2])
+    assert fanout._LOCAL_CLUSTER == [first] and len(first.workers) == (os.cpu_count() or 1)
+    fanout._LOCAL_CLUSTER.clear()
+    first.close()  # here, not at exit, where pytest has closed the streams it logs to
 
 
 @pytest.mark.slow

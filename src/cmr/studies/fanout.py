@@ -5,7 +5,8 @@ they ran. ``runner`` is the ``task_runner`` setting of ``params.yaml``:
 
 * ``"sequential"``: a plain loop in this process (no Prefect, no retries);
 * ``"dask"``: a Prefect flow whose task runner is ``prefect_dask.DaskTaskRunner`` on a
-  ``distributed.LocalCluster`` of this machine's cores (one single-threaded worker process each);
+  ``distributed.LocalCluster`` of this machine's cores (one single-threaded worker process each,
+  one cluster a process);
 * ``"dask:tcp://host:8786"``: the same against a running cluster (``dask scheduler`` and
   ``dask worker tcp://host:8786`` on other machines, each with this package installed).
 
@@ -77,10 +78,33 @@ def prefect_api_for_workers() -> Iterator[str]:
         os.environ.pop("PREFECT_API_URL", None)
 
 
+_LOCAL_CLUSTER = []  # the one local cluster of this process, made on first use
+
+
+def _local_cluster_address() -> str:
+    """A ``LocalCluster`` of one single-threaded worker process a core (processes, not threads: a
+    cell holds the GIL for most of its training loop), made once and shared by every wave of
+    cells: a study's second wave on a fresh cluster paid worker start-up and imports again, and
+    once, at load 20, lost both new workers to heartbeat timeouts and hung. Closed at exit."""
+    if not _LOCAL_CLUSTER:
+        import atexit
+
+        import dask
+        from distributed import LocalCluster
+
+        # distributed's 30 s connect/tcp timeouts are too tight for 2 cores shared with other jobs
+        with dask.config.set({"distributed.comm.timeouts.connect": "120s", "distributed.comm.timeouts.tcp": "120s"}):
+            cluster = LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                                   dashboard_address=":0")  # any free port: 8787 may be taken
+        atexit.register(cluster.close)
+        _LOCAL_CLUSTER.append(cluster)
+    return _LOCAL_CLUSTER[0].scheduler_address
+
+
 @TASK_RUNNERS.register("dask")
 def _dask(fn, cells, *, address=None, retries=2, name="cell") -> list:
-    with prefect_api_for_workers():
-        return _dask_flow(fn, cells, address, retries, name)
+    with prefect_api_for_workers():  # before the cluster, so that its workers inherit the API's address
+        return _dask_flow(fn, cells, address or _local_cluster_address(), retries, name)
 
 
 def _dask_flow(fn, cells, address, retries, name) -> list:
@@ -88,11 +112,7 @@ def _dask_flow(fn, cells, address, retries, name) -> list:
     from prefect.cache_policies import NO_CACHE
     from prefect_dask import DaskTaskRunner
 
-    if address:
-        task_runner = DaskTaskRunner(address=address)
-    else:  # processes, not threads: a cell holds the GIL for most of its training loop
-        task_runner = DaskTaskRunner(cluster_kwargs={"n_workers": os.cpu_count() or 1, "threads_per_worker": 1,
-                                                     "processes": True, "dashboard_address": None})
+    task_runner = DaskTaskRunner(address=address)
     # NO_CACHE: the inputs are feature tensors; hashing them for a cache key costs time and buys nothing
     cell_task = task(fn, name=name, retries=retries, retry_delay_seconds=0, cache_policy=NO_CACHE)
 
