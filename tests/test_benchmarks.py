@@ -91,3 +91,18 @@ def test_bench_cmmixer_prints_step_and_decode_ratios(capsys):
     decode = ratios(out, r"ratio to step (\d+\.\d+)")
     assert len(step) == 1 and step[0] > 0 and len(decode) == 2 and all(r > 0 for r in decode)
     assert "verdict: " in out
+def test_bench_scale_prints_each_index_against_flat(capsys):
+    bench = load("bench_scale")
+    bench.main(["--sizes", "2000", "--dim", "32", "--queries", "40", "--clusters", "20", "--pq-m", "8",
+                "--nprobe", "4", "--rerank", "20", "--hnsw-max", "2000", "--ef-search", "32",
+                "--latency-calls", "10", "--intrinsic-dim", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "SYNTHETIC" in out and "2,000 x 32 gallery" in out
+    rows = re.findall(r"^  (flat \(exact\)|ivfpq .*?|  \+ exact re-rank .*?|hnsw .*?) +(\d+\.\d) .* (\d\.\d{3})   ", out, re.M)
+    assert [r[0].split()[0] for r in rows] == ["flat", "ivfpq", "+", "hnsw"]
+    recalls = {r[0].split()[0]: float(r[2]) for r in rows}
+    assert recalls["flat"] == 1.0 and recalls["+"] >= recalls["ivfpq"]  # re-ranking exact scores can only help
+    bench.main(["--sizes", "1000", "--dim", "16", "--queries", "20", "--clusters", "10", "--hnsw-grid",
+                "--grid-m", "8", "--grid-ef-construction", "20", "--ef-search", "8", "64", "--latency-calls", "5"])
+    assert re.search(r"(fastest at recall@10 >= 0.95, whole query batch|whole query batch: no setting)",
+                     capsys.readouterr().out)

@@ -164,6 +164,8 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 
 class Params(Section):
     seed: int = 0
+    #: how studies run their independent cells: sequential | dask | dask:tcp://host:8786 (cmr.studies.fanout)
+    task_runner: str = "sequential"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     num_workers: int = Field(0, ge=0)

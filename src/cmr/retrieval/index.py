@@ -1,8 +1,11 @@
 """FAISS indexes over L2-normalised embeddings (inner product = cosine similarity).
 
 ``build_index(kind, embeddings, ids)`` picks a kind from ``INDEXES`` ("flat" exact,
-"ivf" IVFFlat, "hnsw"); ``Index.save(dir)`` writes ``index.faiss``, ``ids.json`` and
-``meta.json`` atomically; ``load_index(dir)`` checks them against each other.
+"ivf" IVFFlat, "ivfpq" IVF with product-quantised codes, "hnsw"); ``Index.save(dir)``
+writes ``index.faiss``, ``ids.json`` and ``meta.json`` atomically (plus ``lists.ivfdata``
+for inverted lists kept on disk); ``load_index(dir)`` checks them against each other.
+An approximate index carries its recall@k against exact search, measured when it was
+built (``Index.build_stats``, saved in ``meta.json``).
 """
 from __future__ import annotations
 
@@ -19,9 +22,10 @@ import numpy as np
 from cmr.errors import ConfigError, DataError
 from cmr.io import atomic_path, read_json, write_json
 from cmr.registry import Registry, nearest
+from cmr.retrieval import ivfpq
 
 METRIC = "inner_product"
-INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.json", "meta.json"
+INDEX_FILE, IDS_FILE, META_FILE, LISTS_FILE = "index.faiss", "ids.json", "meta.json", ivfpq.LISTS_FILE
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class IndexKind:
     search_defaults: dict[str, Any] = field(default_factory=dict)
     tune: Callable[..., None] | None = None
     gpu: bool = True  # FAISS has GPU versions of flat and IVF, not of HNSW
+    exact: bool = False  # flat: no recall to measure
+    train_rows: Callable[[int, dict, faiss.Index], int] | None = None  # rows to train on (a sample); default all
 
 
 INDEXES: Registry[IndexKind] = Registry("index")
@@ -82,7 +88,7 @@ def _set_ef_search(index, ef_search: int) -> None:
 
 
 INDEXES.register("flat")(IndexKind(make=lambda dim, count: faiss.IndexFlatIP(dim), classes=(faiss.IndexFlatIP,),
-                                   build_defaults={}))
+                                   build_defaults={}, exact=True))
 INDEXES.register("ivf")(IndexKind(
     make=lambda dim, count, nlist=None: faiss.IndexIVFFlat(
         faiss.IndexFlatIP(dim), dim, _ivf_nlist(count, nlist), faiss.METRIC_INNER_PRODUCT),
@@ -96,6 +102,14 @@ INDEXES.register("hnsw")(IndexKind(
     # ef_search 64: recall@10 0.997 at noise 2.0, 0.89 at noise 2.5 (same benchmark).
     build_defaults={"M": 32, "ef_construction": 64, "storage": "flat"}, search_defaults={"ef_search": 64},
     tune=_set_ef_search, gpu=False))
+
+INDEXES.register("ivfpq")(IndexKind(
+    make=lambda dim, count, **build: ivfpq.make(dim, count, _ivf_nlist, **build),
+    classes=(faiss.IndexIVFPQ,),
+    build_defaults={"nlist": None, "m": None, "nbits": 8, "train_size": None, "on_disk": False},
+    # nprobe 16: recall@10 is bounded by the codes' distortion more than by the lists probed
+    # (benchmarks/bench_scale.py); the recall measured at build time is in meta.json.
+    search_defaults={"nprobe": 16}, tune=_set_nprobe, gpu=False, train_rows=ivfpq.train_rows))
 
 # How HNSW stores the vectors it compares during the graph walk: "flat" float32 (exact
 # scores), or FAISS scalar quantisers "sq8" (8 bits a dimension, a quarter of the memory
@@ -130,7 +144,7 @@ def _as_matrix(x, where: str, dim: int | None = None) -> np.ndarray:
 
 # Whole-number options and their smallest valid value (FAISS does not check them: an HNSW
 # graph with M -1 asks for memory until the process is killed).
-_MINIMUM = {"nprobe": 1, "M": 2, "ef_construction": 1, "ef_search": 1}
+_MINIMUM = {"nprobe": 1, "M": 2, "ef_construction": 1, "ef_search": 1, "nbits": 1}
 
 
 def _check_counts(name: str, options: dict) -> None:
@@ -169,6 +183,7 @@ class Index:
                  build_options: dict, search_options: dict):
         self.faiss_index, self.ids, self.kind = faiss_index, ids, kind
         self.build_options, self.search_options = dict(build_options), {}
+        self.build_stats: dict = {}  # e.g. recall_at_10 against exact search, measured by build_index
         self._gpu_resources = None
         self.tune(**search_options)
 
@@ -219,10 +234,15 @@ class Index:
             index = faiss.index_gpu_to_cpu(index)
         meta = {"kind": self.kind, "dim": self.dim, "count": self.count, "metric": METRIC,
                 "build_options": self.build_options, "search_options": self.search_options,
-                "faiss_version": faiss.__version__}
+                "build_stats": self.build_stats, "faiss_version": faiss.__version__}
         with atomic_path(directory) as tmp:
             tmp.mkdir()
-            faiss.write_index(index, str(tmp / INDEX_FILE))
+            if self.build_options.get("on_disk"):
+                # index.faiss names the lists file; load_index reads it from the index's own folder
+                with ivfpq.lists_on_disk(index, tmp / LISTS_FILE):
+                    faiss.write_index(index, str(tmp / INDEX_FILE))
+            else:
+                faiss.write_index(index, str(tmp / INDEX_FILE))
             (tmp / IDS_FILE).write_text(json.dumps(self.ids), encoding="utf-8")
             write_json(tmp / META_FILE, meta)
         return Path(directory)
@@ -232,12 +252,18 @@ class Index:
         self.faiss_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.faiss_index)
 
 
-def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto", **options) -> Index:
+def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto", *, recall_queries=None,
+                recall_sample: int = 1000, recall_k: int = 10, seed: int = 0, **options) -> Index:
     """Build an index of ``kind`` over embeddings float32[N, D] (L2-normalise them first).
 
     ids: N unique strings, one per row. device: "auto" (GPU when FAISS sees one and the
     kind has a GPU version), "cpu" or "cuda". options: see ``INDEXES.get(kind)``
-    (ivf: nlist, nprobe; hnsw: M, ef_construction, storage, ef_search).
+    (ivf: nlist, nprobe; ivfpq: nlist, m, nbits, train_size, on_disk, nprobe; hnsw: M,
+    ef_construction, storage, ef_search).
+    An approximate index then measures its recall@``recall_k`` against exact search for
+    ``recall_sample`` queries sampled (``seed``) from ``recall_queries`` float32[Q, D], or
+    from the gallery rows when none are given (each row then finds itself at rank 1),
+    into ``Index.build_stats``; ``recall_sample`` 0 skips it.
     """
     spec = INDEXES.get(kind)
     build, search = _split_options(spec, kind, options)
@@ -248,15 +274,30 @@ def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto",
     if len(ids) != len(x):
         raise DataError("ids", "one id per embedding row", f"{len(ids)} ids for {len(x)} rows")
     _check_unique(ids, "ids")
-    if kind == "ivf" and len(x) < _ivf_nlist(len(x), build["nlist"]):
-        raise ConfigError(f"index 'ivf': nlist {build['nlist']} is more than the {len(x)} embeddings")
+    if "nlist" in build and len(x) < _ivf_nlist(len(x), build["nlist"]):
+        raise ConfigError(f"index {kind!r}: nlist {build['nlist']} is more than the {len(x)} embeddings")
+    if not _whole(recall_sample, 0) or not _whole(recall_k, 1):
+        raise ConfigError(f"index build: recall_sample must be >= 0 and recall_k >= 1, got {recall_sample!r}, "
+                          f"{recall_k!r}")
+    pool = x if recall_queries is None else _as_matrix(recall_queries, "recall_queries", x.shape[1])
     index = Index(spec.make(x.shape[1], len(x), **build), ids, kind, build, {})
+    rng = np.random.default_rng(seed)
+    rows = spec.train_rows(len(x), build, index.faiss_index) if spec.train_rows else len(x)
     if _use_gpu(spec, kind, device):
         index._to_gpu()
     if not index.faiss_index.is_trained:
-        index.faiss_index.train(x)
+        index.faiss_index.train(x if rows >= len(x) else x[np.sort(rng.choice(len(x), rows, replace=False))])
     index.faiss_index.add(x)
-    return index.tune(**search)
+    index.tune(**search)
+    if not spec.exact and recall_sample:
+        queries = pool[np.sort(rng.choice(len(pool), min(recall_sample, len(pool)), replace=False))]
+        k = min(recall_k, len(x))
+        _, truth = faiss.knn(queries, x, k, metric=faiss.METRIC_INNER_PRODUCT)
+        index.build_stats = {f"recall_at_{k}": _overlap(index.search(queries, k)[1], truth),
+                             "recall_queries": len(queries),
+                             "recall_query_source": "gallery rows" if recall_queries is None else "given queries",
+                             "recall_search_options": dict(index.search_options)}
+    return index
 
 
 def _check_unique(ids: list[str], where: str) -> None:
@@ -281,8 +322,12 @@ def load_index(directory: str | Path, expect_dim: int | None = None, expect_coun
         raise DataError(meta_path, "meta.json names kind, dim, count, metric", f"missing {sorted(missing)}")
     if meta["kind"] not in INDEXES:
         raise DataError(f"{meta_path}: kind", f"one of {INDEXES.names()}", f"got {meta['kind']!r}")
+    if meta.get("build_options", {}).get("on_disk") and not (directory / LISTS_FILE).is_file():
+        raise DataError(str(directory / LISTS_FILE), "an on_disk index folder has its inverted lists file",
+                        "file missing")
     try:
-        index = faiss.read_index(str(paths[INDEX_FILE]))
+        # on-disk inverted lists are read from the index's folder, wherever it was written
+        index = faiss.read_index(str(paths[INDEX_FILE]), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except RuntimeError as err:
         raise DataError(str(paths[INDEX_FILE]), "a readable FAISS index", str(err).splitlines()[0]) from None
     checks = [
@@ -309,6 +354,7 @@ def load_index(directory: str | Path, expect_dim: int | None = None, expect_coun
     _check_unique([str(i) for i in ids], str(paths[IDS_FILE]))
     loaded = Index(index, [str(i) for i in ids], meta["kind"], meta.get("build_options", {}),
                    meta.get("search_options", {}))
+    loaded.build_stats = meta.get("build_stats", {})
     if _use_gpu(spec, meta["kind"], device):
         loaded._to_gpu()
         loaded.tune(**loaded.search_options)
@@ -317,7 +363,10 @@ def load_index(directory: str | Path, expect_dim: int | None = None, expect_coun
 
 def recall_vs_exact(approx: Index, exact: Index, queries, k: int) -> float:
     """Mean fraction of the exact top-k rows that ``approx`` also returns in its top-k."""
-    _, found = approx.search(queries, k)
-    _, truth = exact.search(queries, k)
+    return _overlap(approx.search(queries, k)[1], exact.search(queries, k)[1])
+
+
+def _overlap(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each row of ``truth`` [Q, k] that the same row of ``found`` [Q, k] holds (-1: none)."""
     hits = sum(len(set(f[f >= 0].tolist()) & set(t.tolist())) for f, t in zip(found, truth))
     return hits / truth.size

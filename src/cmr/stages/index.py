@@ -33,12 +33,19 @@ def run(embeddings_dir: str, calibration_dir: str, kind: str, options: dict, dev
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         text_ids = [f"{gallery.ids[i]}#{j}" for j, i in enumerate(gallery.text_item.tolist())]
-        for name, emb, ids in (("images", gallery.image, gallery.ids), ("texts", gallery.text, text_ids)):
+        recall = {}
+        for name, emb, ids, queries in (("images", gallery.image, gallery.ids, gallery.text),
+                                        ("texts", gallery.text, text_ids, gallery.image)):
             b = torch.from_numpy(bias[name[:-1]]) if name[:-1] in bias else None
-            build_index(kind, with_bias(emb, b), ids, device=device, **options).save(tmp / name)
+            # recall against exact search is measured with the other modality's embeddings as
+            # queries (their query side of the bias trick is a constant 1)
+            q = with_bias(queries, None if b is None else torch.ones(len(queries)))
+            index = build_index(kind, with_bias(emb, b), ids, device=device, recall_queries=q, **options)
+            index.save(tmp / name)
+            recall.update({f"{name}/{k}": v for k, v in index.build_stats.items() if k.startswith("recall_at")})
         write_json(tmp / "gallery.json", {"texts": gallery.texts, "text_item": gallery.text_item.tolist(),
                                           "ids": gallery.ids, "calibrated": bool(bias)})
-    info = {"items": len(gallery.ids), "texts": len(gallery.texts), "kind": kind, "calibrated": bool(bias)}
+    info = {"items": len(gallery.ids), "texts": len(gallery.texts), "kind": kind, "calibrated": bool(bias), **recall}
     log(f"index: {info} -> {out_dir}")
     return info
 

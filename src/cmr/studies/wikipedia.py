@@ -35,6 +35,7 @@ from cmr.models.feature_heads import (FeatureHeads, PosteriorHeads, WithUnpaired
 from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.studies import STUDIES, output_dir
 from cmr.studies._common import save_figure, write_table
+from cmr.studies.fanout import run_cells
 from cmr.training.engine import head_embeddings, train_heads
 from cmr.training.features import FeatureSet, label_matrix
 
@@ -174,6 +175,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def select_cell(splits: dict[str, FeatureSet], objective: str, hp: dict, seed: int) -> tuple[dict, dict, str, int]:
+    """One grid point on validation: (val mAPs of the best scoring, val mAPs by scoring, that scoring,
+    selected epoch). The test split is not looked at."""
+    model, loss_fn, epoch = fit_objective(splits, OBJECTIVES[objective][0], hp, seed)
+    vals = {scoring: class_map(scorer, splits["val"]) for scoring, scorer in scorers(model, loss_fn).items()}
+    scoring = max(vals, key=lambda k: vals[k]["avg"])  # the first listed (cosine) wins a tie
+    return vals[scoring], vals, scoring, epoch
+
+
+def seed_cell(splits: dict[str, FeatureSet], objective: str, hp: dict, seed: int) -> tuple[dict, int]:
+    """One seed at the chosen setting: (test mAPs, selected epoch)."""
+    _val, test, epoch = train_objective(splits, OBJECTIVES[objective][0], hp, seed)
+    return test, epoch
+
+
 @STUDIES.register("wikipedia")
 def run(p, quick: bool = False) -> dict:
     """Select each objective's setting on validation, then 5 seeds on test; table + plot + MLflow."""
@@ -188,26 +204,31 @@ def run(p, quick: bool = False) -> dict:
     names = ["infonce", "prototype", "supcon+ce"] if quick else list(OBJECTIVES)
     seeds = [0, 1] if quick else [0, 1, 2, 3, 4]
     cells, rows, summary = [], [], {}
+    # Two waves of independent cells (p.task_runner runs them): every objective's grid on
+    # validation, then every objective's seeds on test at its chosen setting.
+    settings = {name: [dict(s, epochs=3) if quick else s for s in grid(OBJECTIVES[name][1], quick)] for name in names}
+    selected = iter(run_cells(select_cell, [{"splits": splits, "objective": name, "hp": hp, "seed": p.seed}
+                                            for name in names for hp in settings[name]],
+                              p.task_runner, name="wikipedia-select"))
+    best = {}
     for name in names:
-        losses, tau_kind = OBJECTIVES[name]
-        settings = grid(tau_kind, quick)
-        if quick:
-            settings = [dict(s, epochs=3) for s in settings]
         scored = []
-        for hp in settings:
-            model, loss_fn, epoch = fit_objective(splits, losses, hp, p.seed)  # the test split is not looked at
-            vals = {scoring: class_map(scorer, splits["val"]) for scoring, scorer in scorers(model, loss_fn).items()}
-            scoring = max(vals, key=lambda k: vals[k]["avg"])  # the first listed (cosine) wins a tie
-            val = vals[scoring]
+        for hp in settings[name]:
+            val, vals, scoring, epoch = next(selected)
             scored.append((val["avg"], dict(hp, scoring=scoring), epoch))
             cells.append({"name": f"{name}/select/{hp['head']}-lr{hp['lr']}-d{hp['embed_dim']}-tau{hp['tau']}",
                           "params": {"objective": name, "phase": "select", **hp, "scoring": scoring},
                           "metrics": {"val/i2t_mAP": val["i2t"], "val/t2i_mAP": val["t2i"], "val/mAP": val["avg"],
                                       "val/mAP_cosine": vals["cosine"]["avg"], "best_epoch": epoch}})
-        best_val, best_hp, _ = max(scored, key=lambda s: s[0])
+        best[name] = max(scored, key=lambda s: s[0])
+    tested = iter(run_cells(seed_cell, [{"splits": splits, "objective": name, "hp": best[name][1], "seed": seed}
+                                        for name in names for seed in seeds], p.task_runner, name="wikipedia-test"))
+    for name in names:
+        tau_kind = OBJECTIVES[name][1]
+        best_val, best_hp, _ = best[name]
         tests = []
         for seed in seeds:
-            _val, test, epoch = train_objective(splits, losses, best_hp, seed)
+            test, epoch = next(tested)
             tests.append(test)
             cells.append({"name": f"{name}/test/seed{seed}", "params": {"objective": name, "phase": "test",
                                                                           "seed": seed, **best_hp},
@@ -237,6 +258,7 @@ def run(p, quick: bool = False) -> dict:
     seconds = time.perf_counter() - t0
     run_id = log_study(uri=p.tracking.uri, experiment=p.tracking.experiment, study="wikipedia", cells=cells,
                        artifacts=files, params={"quick": quick, "seeds": seeds, "seconds": round(seconds, 1),
+                                                "task_runner": p.task_runner,
                                **{f"input_map/{k}": v for k, v in INPUT_MAP.items()}},
                        tags={"data_version/wikipedia_cmr": prepared.info["data_version"]})
     return {"summary": summary, "files": [str(f) for f in files], "run_id": run_id, "seconds": seconds}
