@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from cmr.config import Params
 from cmr.data.prepare import load_prepared
@@ -20,6 +21,8 @@ def run(p: Params, init_dir: str | None, section: str, out_dir: str) -> dict:
         weight_decay=cfg.weight_decay, select_metric=cfg.select_metric, seed=p.seed,
         device=resolve_device(p.device), amp=p.amp, level=p.evaluate.level, ks=p.evaluate.ks,
         cache_dir=p.paths.cache, log=lambda m: log(f"{section}: {m}"), workers=p.num_workers,
+        # outside the stage's DVC output, which DVC deletes before the stage runs
+        resume_dir=str(Path(p.paths.cache) / "resume" / section),
     )
     return {"best_epoch": result.best_epoch, **result.best}
 

@@ -14,10 +14,11 @@ import torch
 from cmr.data.prepare import Prepared
 from cmr.data.schema import by_split
 from cmr.errors import ConfigError
-from cmr.io import atomic_path, read_json, write_json
+from cmr.io import atomic_path, check_writable, read_json, write_json
 from cmr.losses import LOSSES, build_loss
 from cmr.models import build_two_tower, load_two_tower, save_two_tower
 from cmr.training.engine import TrainResult, train_heads, train_towers
+from cmr.training.resume import Resume, fingerprint
 from cmr.training.features import (FeatureSet, cache_key, cached_backbone_features, compute_backbone_features,
                                    identity_vector, label_matrix, texts_of)
 
@@ -76,7 +77,16 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
         lock_image: bool, lock_text: bool, losses: dict, loss_options: dict, epochs: int, batch_size: int,
         lr: float, weight_decay: float, select_metric: str, seed: int, device: str, amp: bool, level: str,
         ks: Sequence[int], cache_dir: str | None, log: Callable[[str], None],
-        backbone_lr: float | None = None, freeze_bn_stats: bool = True, workers: int = 0) -> TrainResult:
+        backbone_lr: float | None = None, freeze_bn_stats: bool = True, workers: int = 0,
+        resume_dir: str | None = None) -> TrainResult:
+    """Train from ``init_dir`` (or the pretrained towers) and save to ``out_dir``.
+
+    With ``resume_dir``, each epoch is checkpointed there and a rerun with the same
+    settings, data and starting model continues after the last finished epoch
+    (:mod:`cmr.training.resume`); the checkpoint is removed once ``out_dir`` is written.
+    """
+    check_writable(out_dir)  # before hours of training, not after
+    settings = {k: v for k, v in locals().items() if k not in ("prepared", "log", "cache_dir", "resume_dir")}
     torch.manual_seed(seed)
     if init_dir:
         bundle = load_two_tower(Path(init_dir) / "model", device=device)
@@ -97,8 +107,14 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
     if lock_text:
         model.lock_text_tower()
     loss_fn = build_loss(losses, loss_options, model.embed_dim, num_classes_for(prepared, losses))
+    resume = None
+    if resume_dir is not None:
+        start = file_digest(Path(init_dir) / "model") if init_dir else bid
+        resume = Resume(Path(resume_dir), fingerprint(
+            settings | {"data_version": prepared.info["data_version"], "start": start,
+                        "torch": torch.__version__}))
     common = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                  select_metric=select_metric, seed=seed, device=device, level=level, ks=ks, log=log)
+                  select_metric=select_metric, seed=seed, device=device, level=level, ks=ks, log=log, resume=resume)
     if lock_image and lock_text:
         features = {s: split_features(bundle, prepared, s, bid, device, cache_dir, workers) for s in ("train", "val")}
         result = train_heads(model, loss_fn, features["train"], features["val"], **common)
@@ -127,4 +143,6 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
         write_json(tmp / "history.json", result.history)
         write_json(tmp / "metrics.json", {f"val/{k}": v for k, v in result.best.items()} |
                    {"best_epoch": result.best_epoch})
+    if resume is not None:
+        resume.clear()
     return result
