@@ -41,8 +41,10 @@ def recover(path: str | os.PathLike) -> None:
     old = path.with_name(f".{path.name}.old")
     if old.exists() and not path.exists():
         os.replace(old, path)
-    elif old.exists():
+    elif old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
+    elif old.exists():
+        old.unlink()
     if not path.parent.is_dir():
         return
     for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
