@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import run_stages, stage_task  # noqa: E402  (sets Prefect/MLflow env defaults)
 from prefect import flow, task  # noqa: E402
 
+from cmr.check import check_settings  # noqa: E402
 from cmr.cli import STAGES  # noqa: E402
 from cmr.config import load_params  # noqa: E402
 
@@ -34,6 +35,7 @@ def registered_data_version(uri: str, model_name: str) -> str | None:
 @flow(name="cmr-retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", force: bool = False) -> dict:
     p = load_params(params_path)
+    check_settings(p)  # every setting and the source, before ingest replaces the prepared data
     info = stage_task("ingest")(p)
     current = info["data_version"]
     previous = registered_data_version(p.tracking.uri, p.register.model_name)

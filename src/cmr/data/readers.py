@@ -72,28 +72,32 @@ def _describe(hint) -> str:
     return {str: "a string", bool: "a boolean (true/false)", int: "an integer", type(None): "null"}.get(hint, str(hint))
 
 
+def _check_options(name: str, allowed: list[str], hints: dict, options: dict) -> None:
+    for key, value in options.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"reader {name!r}: unknown option {key!r}{nearest(key, allowed)}; "
+                f"allowed: {', '.join(allowed) or '(none)'}"
+            )
+        if key in hints and not _option_fits(value, hints[key]):
+            raise ConfigError(f"reader {name!r}: option {key}={value!r} must be {_describe(hints[key])}")
+
+
 def _reader(name: str):
     """Register ``fn(source, *, opt=default, ...)``; an unknown option, or one of the wrong
-    type (``caption_files: a.json`` where a list is expected), becomes a ConfigError."""
+    type (``caption_files: a.json`` where a list is expected), becomes a ConfigError.
+    ``READERS.get(name).check_options(options)`` runs that check alone, before any reading."""
 
     def decorator(fn):
         allowed = [p for p in inspect.signature(fn).parameters if p != "source"]
-        hints = typing.get_type_hints(fn)
+        check = functools.partial(_check_options, name, allowed, typing.get_type_hints(fn))
 
         @functools.wraps(fn)
         def wrapper(source, **options) -> ReadResult:
-            for key, value in options.items():
-                if key not in allowed:
-                    raise ConfigError(
-                        f"reader {name!r}: unknown option {key!r}{nearest(key, allowed)}; "
-                        f"allowed: {', '.join(allowed) or '(none)'}"
-                    )
-                if key in hints and not _option_fits(value, hints[key]):
-                    raise ConfigError(
-                        f"reader {name!r}: option {key}={value!r} must be {_describe(hints[key])}"
-                    )
+            check(options)
             return fn(Path(source), **options)
 
+        wrapper.check_options = check
         READERS.register(name)(wrapper)
         return wrapper
 
