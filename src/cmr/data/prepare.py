@@ -24,6 +24,7 @@ from cmr.data.schema import Item, read_items, write_items
 from cmr.data.splits import MEDIA_FIELDS, assign_splits, file_sha256, split_counts
 from cmr.errors import ConfigError, DataError
 from cmr.io import atomic_path, read_json, write_json
+from cmr.progress import progress
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def data_version(items: list[Item], root: Path, features: dict[str, np.ndarray] 
         h.update(json.dumps(it.to_json(), sort_keys=True, ensure_ascii=False).encode())
         h.update(b"\n")
     media = sorted({rel for it in items for rel in (getattr(it, f) for f in MEDIA_FIELDS) if rel})
-    for rel in media:
+    for rel in progress(media, len(media), "hashing media files", unit="file"):
         path = root / rel
         h.update(f"{rel}\x00{file_sha256(path) if path.is_file() else 'missing'}\n".encode())
     for name in sorted(features or {}):

@@ -19,6 +19,7 @@ from cmr.data.prepare import Prepared
 from cmr.data.schema import SPLITS, Item
 from cmr.data.splits import leaking_items
 from cmr.errors import DataError
+from cmr.progress import progress
 
 #: examples of breaking rows kept per expectation in the report
 MAX_EXAMPLES = 20
@@ -58,7 +59,7 @@ def _decodes_audio(path: Path) -> tuple[bool | None, str]:
 
 def _media_columns(items: list[Item], root: Path, field: str, decode) -> tuple[list, list, list]:
     exists, decodes, detail = [], [], []
-    for it in items:
+    for it in progress(items, len(items), f"checking {field} files", unit="item"):
         rel = getattr(it, field)
         if rel is None:
             exists.append(None), decodes.append(None), detail.append("")

@@ -23,6 +23,7 @@ import torch
 
 from cmr.errors import ConfigError
 from cmr.losses import LossInputs
+from cmr.progress import progress
 from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.retrieval.metrics import require_higher_is_better
 from cmr.training.features import FeatureSet, _tokens_to, image_batches
@@ -163,12 +164,13 @@ def _epoch_runner(model, loss_fn, opt, sched, fs: FeatureSet, batch_size: int, g
     """
     labels_fs = _on(fs, device)
 
-    def run_epoch(_epoch: int) -> dict:
+    def run_epoch(epoch: int) -> dict:
         model.train()
         loss_fn.train()
         sums: dict[str, float] = {}
         batches = _pair_batches(fs, batch_size, gen)
-        for rows, (img, txt) in zip(batches, embed(batches)):
+        steps = progress(zip(batches, embed(batches)), len(batches), f"epoch {epoch}", unit="step")
+        for rows, (img, txt) in steps:
             item = fs.text_item[rows]
             total, parts = loss_fn(_loss_inputs(img.float(), txt.float(), model.logit_scale.exp(),
                                                 item.to(device), labels_fs))
