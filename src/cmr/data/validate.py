@@ -245,9 +245,10 @@ def validate_prepared(p: Prepared, min_chars: int, max_chars: int) -> dict:
     }
 
 
-def raise_on_failure(report: dict, items_path: str | Path) -> None:
+def raise_on_failure(report: dict, items_path: str | Path, origins: dict[str, str] | None = None) -> None:
     """Raise DataError for the failure on the lowest line of ``items_path`` (first rule
-    on ties), naming file:line, the field and the rule, with the count of all failures."""
+    on ties), naming file:line, the field and the rule, with the count of all failures.
+    With ``origins`` (item id -> source file:line), the user's source line is named instead."""
     if report["success"]:
         return
     failed = [e for e in report["expectations"] if not e["success"]]
@@ -258,7 +259,7 @@ def raise_on_failure(report: dict, items_path: str | Path) -> None:
     row, _, e, u = min(candidates, key=lambda c: (c[0], c[1]))
     rules = ", ".join(f"'{f['rule']}' x{f['unexpected_count']}" for f in failed)
     raise DataError(
-        f"{items_path}:{row}",
+        (origins or {}).get(u["id"]) or f"{items_path}:{row}",
         e["rule"],
         f"field '{e['field']}' of item {u['id']!r} ({u['value']}); "
         f"{report['n_failures']} failure(s) in all: {rules}",
