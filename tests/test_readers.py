@@ -90,6 +90,8 @@ SOURCES = {
     "features_npz": (lambda s, t: s / "wikipedia_cmr", {}),
     "features_mat": (lambda s, t: s / "wikipedia_cmr" / "original", {}),
     "cuhk_pedes": (lambda s, t: s / "cuhk_pedes_sample", {"skip_missing_images": True}),
+    # the generic reader on a file with its own field names (Flickr8k: texts list, split 'dev')
+    "table": (lambda s, t: s / "flickr8k" / "items.jsonl", {"texts": ["texts"], "split": "split"}),
 }
 
 

@@ -674,3 +674,8 @@ def read_cuhk_pedes(
         items += [_pedes_item(stem, entries, image_dir, identity_prefix) for entries in by_image.values()]
     _check_unique_ids(items, str(source))
     return ReadResult(items, root, None, [], source.stem if source.is_file() else source.name)
+
+
+# Readers in other modules register themselves when imported; importing them here means
+# that whoever reads READERS sees every reader.
+from cmr.data import table_reader  # noqa: E402,F401  (the generic JSONL/CSV reader)
