@@ -32,6 +32,7 @@ from cmr.errors import ConfigError
 from cmr.losses import CombinedLoss, build_loss
 from cmr.models.feature_heads import (FeatureHeads, PosteriorHeads, WithUnpaired, class_logits, feature_heads_for,
                                       features_of, hellinger, knn_label_votes)
+from cmr.progress import progress
 from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.studies import STUDIES, output_dir
 from cmr.studies._common import save_figure, write_table
@@ -194,7 +195,7 @@ def run(p, quick: bool = False) -> dict:
         if quick:
             settings = [dict(s, epochs=3) for s in settings]
         scored = []
-        for hp in settings:
+        for hp in progress(settings, len(settings), f"{name} settings", unit="cell"):
             model, loss_fn, epoch = fit_objective(splits, losses, hp, p.seed)  # the test split is not looked at
             vals = {scoring: class_map(scorer, splits["val"]) for scoring, scorer in scorers(model, loss_fn).items()}
             scoring = max(vals, key=lambda k: vals[k]["avg"])  # the first listed (cosine) wins a tie
