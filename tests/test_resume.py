@@ -151,3 +151,43 @@ def test_fit_killed_with_sigkill_resumes_to_the_same_saved_model(tmp_path):
             b = tmp_path / "out" / a.relative_to(tmp_path / "ref")
             assert a.read_bytes() == b.read_bytes(), f"{b} differs from the uninterrupted run's"
     assert not (tmp_path / "resume").exists()  # removed once the model is saved
+
+
+@pytest.mark.slow  # three runs that decode and augment images every step
+def test_tower_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """The unlocked-tower path: random augmentation draws from the global RNG between steps."""
+    from cmr.training.engine import train_towers
+
+    prepared = _tiny_prepared()
+    torch.manual_seed(0)
+    bundle = build_two_tower("lite0-minilm", embed_dim=16)
+    bundle.model.lock_text_tower()
+    train, val = by_split(prepared.items, "train")[:12], by_split(prepared.items, "val")[:6]
+    owner = torch.tensor([i for i, it in enumerate(train) for _ in it.texts])
+    fs = FeatureSet(torch.zeros(len(train), 0), torch.zeros(len(owner), 0), owner)
+
+    def run(resume, stop_at=None):
+        model = copy.deepcopy(bundle.model)
+        loss = build_loss({"infonce": 1.0}, {}, model.embed_dim, 0)
+
+        def encode_val():
+            img, txt, o = compute_backbone_features(model, bundle.tokenizer, bundle.preprocess_val, val,
+                                                    prepared.root, None, "cpu", batch_size=8)
+            with torch.no_grad():
+                return FeatureSet(model.head_image(img), model.head_text(txt), o)
+
+        def log(m):
+            if stop_at and m.startswith(stop_at):
+                raise _Killed(m)
+
+        result = train_towers(model, loss, bundle.tokenizer, bundle.preprocess_train, encode_val, train,
+                              prepared.root, fs, epochs=2, batch_size=6, lr=1e-3, weight_decay=0.0,
+                              select_metric="val/rsum", seed=5, log=log, resume=resume, freeze_bn_stats=False)
+        return model, result
+
+    ref_model, ref = run(None)
+    resume = Resume(tmp_path / "resume", "towers")
+    with pytest.raises(_Killed):
+        run(resume, stop_at="epoch 1/2")
+    model, result = run(resume)
+    assert result.history == ref.history and _same_state(model, ref_model)
