@@ -27,7 +27,9 @@ install-gpu: install
 	$(BIN)/pip uninstall -y -q faiss-cpu
 	$(BIN)/pip install -q --disable-pip-version-check "faiss-gpu==1.15.1"
 
+# `cmr check` first: dvc repro deletes a stage's old output before the stage can find a bad setting
 run: install
+	$(BIN)/cmr check
 	PATH=$(BIN):$$PATH dvc repro
 	$(BIN)/cmr metrics
 

@@ -17,6 +17,7 @@ for _k, _v in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
 
 from prefect import flow, task  # noqa: E402
 
+from cmr.check import check_settings  # noqa: E402
 from cmr.cli import STAGES  # noqa: E402
 from cmr.config import Params, load_params  # noqa: E402
 
@@ -37,6 +38,7 @@ def run_stages(p: Params, names=STAGES) -> dict:
 @flow(name="cmr-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml") -> dict:
     p = load_params(params_path)
+    check_settings(p)  # every setting and the source, before any stage replaces an output
     results = run_stages(p)
     return {"register": results["register"], "test": results["evaluate"]["test"]}
 

@@ -11,6 +11,7 @@ model version.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline import run_stages, stage_task  # noqa: E402  (sets Prefect/MLflow env defaults)
 from prefect import flow, task  # noqa: E402
 
+from cmr.check import check_settings  # noqa: E402
 from cmr.cli import STAGES  # noqa: E402
 from cmr.config import load_params  # noqa: E402
 
@@ -34,6 +36,7 @@ def registered_data_version(uri: str, model_name: str) -> str | None:
 @flow(name="cmr-retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", force: bool = False) -> dict:
     p = load_params(params_path)
+    check_settings(p)  # every setting and the source, before ingest replaces the prepared data
     info = stage_task("ingest")(p)
     current = info["data_version"]
     previous = registered_data_version(p.tracking.uri, p.register.model_name)
@@ -45,17 +48,31 @@ def retrain(params_path: str = "params.yaml", force: bool = False) -> dict:
     return {"retrained": True, "data_version": current, "register": results["register"]}
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--serve", action="store_true", help="serve a cron deployment (needs PREFECT_API_URL)")
     ap.add_argument("--cron", default="0 3 * * *")
     ap.add_argument("--name", default="cmr-retrain-nightly")
-    a = ap.parse_args()
-    if a.serve:
-        # pause_on_shutdown=False: stopping this process must not silently pause the schedule
-        retrain.serve(name=a.name, cron=a.cron, parameters={"params_path": a.params},
-                      pause_on_shutdown=False)
-    else:
-        print(retrain(a.params, a.force))
+    a = ap.parse_args(argv)
+    if a.serve and not os.environ.get("PREFECT_API_URL"):
+        # an ephemeral server has no scheduler: the deployment would never run
+        print("retrain.py: error: --serve needs a running Prefect server: `prefect server start`, then "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        return 2
+    try:
+        if a.serve:
+            # pause_on_shutdown=False: stopping this process must not silently pause the schedule
+            retrain.serve(name=a.name, cron=a.cron, parameters={"params_path": a.params},
+                          pause_on_shutdown=False)
+        else:
+            print(retrain(a.params, a.force))
+    except KeyboardInterrupt:  # Ctrl-C while starting up: stop, in one line
+        print("retrain.py: stopped (Ctrl-C)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

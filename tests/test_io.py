@@ -1,4 +1,6 @@
 """Reading the pipeline's own artefacts: a missing, corrupt or incomplete file is a DataError naming it."""
+import os
+
 import numpy as np
 import pytest
 
@@ -62,3 +64,73 @@ def test_embeddings_that_break_their_layout_are_rejected(tmp_path):
     np.savez(path, **{k: v for k, v in fields.items() if k != "texts"})
     with pytest.raises(DataError, match="missing texts"):
         load_split(path)
+
+
+def test_leftovers_of_a_write_killed_during_the_folder_swap_are_recovered(tmp_path):
+    from cmr.io import atomic_path
+
+    target = tmp_path / "pretrain"
+    # killed between the two renames: the old version sits in .pretrain.old, no target, an empty tmp
+    (tmp_path / ".pretrain.old").mkdir()
+    (tmp_path / ".pretrain.old" / "model.bin").write_text("old")
+    (tmp_path / ".pretrain.abc123.tmp").mkdir()  # a folder of the naming before pids
+    (tmp_path / ".pretrain.pid999999999.xyz.tmp").mkdir()  # its writer is gone
+    alive = tmp_path / f".pretrain.pid{os.getpid()}.live.tmp"  # a writer that still runs
+    alive.mkdir()
+    from cmr.io import recover
+
+    recover(target)
+    assert (target / "model.bin").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["pretrain", alive.name])
+    # and the next write replaces it, leaving nothing but the live writer's folder beside it
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "model.bin").write_text("new")
+    assert (target / "model.bin").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["pretrain", alive.name])
+
+
+def test_an_old_copy_beside_a_complete_target_is_removed(tmp_path):
+    from cmr.io import recover
+
+    (tmp_path / "x").write_text("current")
+    (tmp_path / ".x.old").write_text("older")
+    recover(tmp_path / "x")
+    assert (tmp_path / "x").read_text() == "current" and not (tmp_path / ".x.old").exists()
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_is_refused_before_work(tmp_path):
+    from cmr.errors import ConfigError
+    from cmr.io import check_writable
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(ConfigError, match=r"ro/models/pretrain: cannot write in .*ro \(Permission denied\)"):
+            check_writable(ro / "models" / "pretrain")
+    finally:
+        ro.chmod(0o755)
+    check_writable(tmp_path / "new" / "deeper" / "out")  # missing folders are fine: they can be made
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_not_a_folder_parent_is_refused(tmp_path):
+    from cmr.errors import ConfigError
+    from cmr.io import check_writable
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"cannot write in .*file \(Not a directory\)"):
+        check_writable(tmp_path / "file" / "out")
+
+
+def test_an_os_error_in_a_stage_is_one_line(capsys, monkeypatch, repo_root):
+    monkeypatch.chdir(repo_root)
+    from cmr.stages._common import stage_main
+
+    def body(_p):
+        raise OSError(28, "No space left on device", "data/models/pretrain")
+
+    assert stage_main("pretrain", body, []) == 2
+    assert capsys.readouterr().err.strip() == "cmr pretrain: error: No space left on device: data/models/pretrain"

@@ -96,6 +96,8 @@ SOURCES = {
     "fsdd_digits": (lambda s, t: s / "fsdd_digits", {}),
     "tuxpaint_sounds": (lambda s, t: s / "tuxpaint", {}),
     "gcompris_sounds": (lambda s, t: s / "gcompris", {}),
+    # the generic reader on a file with its own field names (Flickr8k: texts list, split 'dev')
+    "table": (lambda s, t: s / "flickr8k" / "items.jsonl", {"texts": ["texts"], "split": "split"}),
 }
 
 

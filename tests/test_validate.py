@@ -158,10 +158,12 @@ def test_failures_are_all_counted(small, tmp_path):
 def test_save_load_round_trip(mini, wiki, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = save_prepared(mini, tmp_path / "prepared")
-    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "items.jsonl"]
+    # origins.json: each item's line in the source, so errors found later name the user's file
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "items.jsonl", "origins.json"]
     assert json.loads((out / "dataset.json").read_text())["root"] == "data/raw/openclipart_mini"
     back = load_prepared(out)
     assert back.items == mini.items and back.label_set == mini.label_set and back.info == mini.info
+    assert back.origins == mini.origins and back.origins[mini.items[0].id].endswith("items.jsonl:1")
     assert back.root.resolve() == DEFAULT_DATA.resolve() and back.features is None
 
     save_prepared(wiki, out)  # replaces the folder as a whole

@@ -7,6 +7,7 @@
     cmr metrics                   # the latest evaluation as a short table
     cmr study wikipedia           # a registered study (tables, plot, one MLflow parent run)
     cmr list losses               # registered names (readers, losses, calibrators, indexes, archs, mixers, studies)
+    cmr check                     # settings, names, source, output folders: what `make run` checks first
 """
 from __future__ import annotations
 
@@ -22,18 +23,39 @@ from cmr.errors import CmrError, DataError
 STAGES = ("ingest", "validate", "pretrain", "finetune", "encode", "calibrate", "index", "evaluate", "register")
 
 
-def _registries() -> dict:
-    from cmr.data.readers import READERS
-    from cmr.losses import LOSSES
-    from cmr.models import list_architectures
-    from cmr.retrieval.calibrate import CALIBRATORS
-    from cmr.retrieval.index import INDEXES
+def _names(module: str, attr: str):
+    """``module.attr.names()`` (or ``module.attr()``), importing the module only when asked:
+    ``cmr list readers`` should not wait for torch and open_clip to load."""
 
-    from cmr.models.cmmixer import CMMIXER_ARCHS, MIXERS
-    from cmr.studies import load_all
+    def names() -> list[str]:
+        obj = getattr(importlib.import_module(module), attr)
+        return obj() if callable(obj) and not hasattr(obj, "names") else obj.names()
 
-    return {"studies": load_all().names(), "readers": READERS.names(), "losses": LOSSES.names(), "calibrators": CALIBRATORS.names(),
-            "indexes": INDEXES.names(), "archs": list_architectures() + CMMIXER_ARCHS.names(), "mixers": MIXERS.names()}
+    return names
+
+
+#: ``cmr list`` choices -> their names, each importing only what it needs
+REGISTRIES = {
+    "readers": _names("cmr.data.readers", "READERS"),
+    "losses": _names("cmr.losses", "LOSSES"),
+    "calibrators": _names("cmr.retrieval.calibrate", "CALIBRATORS"),
+    "indexes": _names("cmr.retrieval.index", "INDEXES"),
+    "archs": lambda: _names("cmr.models", "list_architectures")() + _names("cmr.models.cmmixer", "CMMIXER_ARCHS")(),
+    "mixers": _names("cmr.models.cmmixer", "MIXERS"),
+    "studies": _names("cmr.studies", "names"),
+}
+
+
+def check_query(query: str, max_chars: int) -> str:
+    """The query, stripped; an empty one or one longer than the texts the pipeline trains on
+    (``data.max_text_chars``; the model would silently read only its first tokens) is an error."""
+    text = query.strip()
+    if not text:
+        raise CmrError("the text query is empty; give words to search for")
+    if len(text) > max_chars:
+        raise CmrError(f"the text query has {len(text)} characters, more than data.max_text_chars={max_chars}: "
+                       "the text tower would read only its beginning; shorten it (or raise the setting)")
+    return text
 
 
 def search(params_path: str, query: str | None, image: str | None, k: int,
@@ -50,6 +72,8 @@ def search(params_path: str, query: str | None, image: str | None, k: int,
     if k < 1:
         raise CmrError(f"--k must be >= 1, got {k}")
     p = load_params(params_path, overrides)
+    if image is None:
+        query = check_query(query or "", p.data.max_text_chars)
     index_dir = Path(p.paths.index)
     if not (index_dir / "gallery.json").exists():
         raise CmrError(f"{index_dir}: no index yet; run `make run` (or `cmr pipeline`) first")
@@ -146,13 +170,28 @@ def main(argv: list[str] | None = None) -> int:
                     help="random splits per dataset, for studies that take it (calibration: default 20, 1 with --quick)")
     sub.add_parser("metrics", help="the latest evaluation as a short table")
     ls = sub.add_parser("list", help="registered names")
-    ls.add_argument("what", choices=("readers", "losses", "calibrators", "indexes", "archs", "mixers", "studies"))
+    ls.add_argument("what", choices=tuple(REGISTRIES))
+    sub.add_parser("check", help="check settings, names, options, the source and output folders (before a run)")
+    for sp in sub.choices.values():  # `cmr stage pretrain --set ...` works as `cmr --set ... stage pretrain`
+        sp.add_argument("--params", dest="params_after", default=None, help=argparse.SUPPRESS)
+        sp.add_argument("--set", dest="set_after", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.params = args.params_after or args.params
+    args.set = args.set + args.set_after
     try:
         stage_argv = ["--params", args.params, *(a for pair in args.set for a in ("--set", pair))]
         if args.cmd == "stage":
             return importlib.import_module(f"cmr.stages.{args.name}").main(stage_argv)
+        if args.cmd == "check":
+            from cmr.check import check_settings
+
+            check_settings(load_params(args.params, parse_overrides(args.set)))
+            print(f"{args.params}: settings, names, source and output folders are fine")
+            return 0
         if args.cmd == "pipeline":
+            from cmr.check import check_settings
+
+            check_settings(load_params(args.params, parse_overrides(args.set)))  # before any output is replaced
             for name in STAGES:
                 rc = importlib.import_module(f"cmr.stages.{name}").main(stage_argv)
                 if rc:
@@ -192,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table)
             return 0
         if args.cmd == "list":
-            print("\n".join(_registries()[args.what]))
+            print("\n".join(REGISTRIES[args.what]()))
             return 0
     except CmrError as e:
         print(f"cmr: error: {e}", file=sys.stderr)

@@ -31,6 +31,9 @@ class DataCfg(Section):
     split_seed: int = 0
     min_text_chars: int = Field(2, ge=1)
     max_text_chars: int = Field(512, ge=1)
+    #: rows that break a per-item rule: 'fail' (validate stops, naming the source line) or
+    #: 'drop' (ingest removes and reports them: cmr.data.invalid)
+    on_invalid: Literal["fail", "drop"] = "fail"
     #: the modality pair: ``gallery`` items are ranked for ``query`` inputs (and back). The item's own
     #: modality is the gallery; texts (several per item) can only be the query side.
     gallery: Literal["image", "video", "audio"] = "image"

@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,15 +20,51 @@ import numpy as np
 from cmr.errors import DataError
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def recover(path: str | os.PathLike) -> None:
+    """Undo what a killed :func:`atomic_path` left beside ``path``.
+
+    A kill between its two renames leaves ``.<name>.old`` and no ``path``: the old
+    version is put back. A kill at any point leaves a ``.<name>.pid<N>.*.tmp`` folder: it
+    is removed once process N is gone (one from before this naming, with no pid, always).
+    """
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():
+        os.replace(old, path)
+    elif old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists():
+        old.unlink()
+    if not path.parent.is_dir():
+        return
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = re.match(r"pid(\d+)\.", tmp.name[len(path.name) + 2:])
+        if pid is None or not _alive(int(pid.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``path`` on success.
 
-    Works for files and for folders (the caller creates whichever it needs).
+    Works for files and for folders (the caller creates whichever it needs). Leftovers
+    of a killed earlier write are recovered first (:func:`recover`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / (path.name + suffix)
+    recover(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.pid{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    tmp = tmp / (path.name + suffix)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
@@ -39,6 +77,21 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """ConfigError unless ``path`` (a file or folder to be written) can be created: its nearest
+    existing parent folder must accept a new file. Run it before long work that ends in a write."""
+    from cmr.errors import ConfigError
+
+    parent = Path(path).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".cmr-write-check."):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot write in {parent} ({e.strerror or type(e).__name__})") from None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

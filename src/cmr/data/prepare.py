@@ -5,6 +5,8 @@ A prepared dataset is a folder::
     items.jsonl    one Item per line (line n = row n in validation reports)
     dataset.json   root (media paths are relative to it), label_set, info
     features.npz   precomputed features, one (N, D) array per modality (when present)
+    origins.json   item id -> the source file:line it was read from (readers that know it)
+    dropped.json   what ``data.on_invalid: drop`` removed, and why (:mod:`cmr.data.invalid`)
 
 ``info["data_version"]`` is a SHA-256 over the items, the bytes of every media file
 they name and the feature arrays: equal versions mean equal data.
@@ -19,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cmr.data.invalid import ON_INVALID, drop_invalid
 from cmr.data.readers import READERS
 from cmr.data.schema import Item, read_items, write_items
 from cmr.data.splits import MEDIA_FIELDS, assign_splits, file_sha256, split_counts
 from cmr.errors import ConfigError, DataError
 from cmr.io import atomic_path, read_json, write_json
+from cmr.progress import progress
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,10 @@ class Prepared:
     features: dict[str, np.ndarray] | None
     label_set: list[str]
     info: dict
+    #: item id -> source file:line, for errors that name the user's file rather than items.jsonl
+    origins: dict[str, str] | None = None
+    #: report rows of what ``on_invalid="drop"`` removed (:func:`cmr.data.invalid.drop_invalid`)
+    dropped: list[dict] | None = None
 
 
 def data_version(items: list[Item], root: Path, features: dict[str, np.ndarray] | None) -> str:
@@ -44,7 +52,7 @@ def data_version(items: list[Item], root: Path, features: dict[str, np.ndarray] 
         h.update(json.dumps(it.to_json(), sort_keys=True, ensure_ascii=False).encode())
         h.update(b"\n")
     media = sorted({rel for it in items for rel in (getattr(it, f) for f in MEDIA_FIELDS) if rel})
-    for rel in media:
+    for rel in progress(media, len(media), "hashing media files", unit="file"):
         path = root / rel
         h.update(f"{rel}\x00{file_sha256(path) if path.is_file() else 'missing'}\n".encode())
     for name in sorted(features or {}):
@@ -61,16 +69,29 @@ def prepare_dataset(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    *,
+    on_invalid: str = "fail",
+    min_text_chars: int = 1,
+    max_text_chars: int = 1 << 30,
 ) -> Prepared:
     """Read ``source`` with ``READERS[reader](source, **options)`` and assign splits
-    (:func:`cmr.data.splits.assign_splits`); a split left empty is a DataError."""
+    (:func:`cmr.data.splits.assign_splits`); a split left empty is a DataError.
+
+    ``on_invalid="drop"`` first removes texts and items that break the per-item rules
+    (with the text length limits given), reporting each (:mod:`cmr.data.invalid`).
+    """
+    if on_invalid not in ON_INVALID:
+        raise ConfigError(f"data.on_invalid: {on_invalid!r} is not one of {', '.join(ON_INVALID)}")
     try:
         read = READERS.get(reader)
     except KeyError as e:
         raise ConfigError(f"data.reader: {e.args[0]}") from None
     result = read(Path(source), **dict(options))
+    read_items_, dropped = result.items, None
+    if on_invalid == "drop":
+        read_items_, dropped = drop_invalid(result.items, result.root, min_text_chars, max_text_chars, result.origins)
     items = assign_splits(
-        result.items, val_fraction, test_fraction, seed, root=result.root, features=result.features, where=str(source)
+        read_items_, val_fraction, test_fraction, seed, root=result.root, features=result.features, where=str(source)
     )
     _check_split_sizes(items, val_fraction, test_fraction, str(source))
     features = result.features
@@ -87,7 +108,10 @@ def prepare_dataset(
         "feature_dims": {m: int(a.shape[1]) for m, a in sorted((features or {}).items())},
         "data_version": data_version(items, result.root, features),
     }
-    return Prepared(items, result.root, features, list(result.label_set), info)
+    if dropped is not None:
+        info["dropped"] = {"texts": sum(d["dropped"] == "text" for d in dropped),
+                           "items": sum(d["dropped"] == "item" for d in dropped)}
+    return Prepared(items, result.root, features, list(result.label_set), info, result.origins, dropped)
 
 
 def _check_split_sizes(items: list[Item], val_fraction: float, test_fraction: float, where: str) -> None:
@@ -122,6 +146,10 @@ def save_prepared(p: Prepared, out_dir: str | Path) -> Path:
         if p.features:
             with open(tmp / "features.npz", "wb") as f:
                 np.savez(f, **p.features)
+        if p.origins:
+            write_json(tmp / "origins.json", p.origins)
+        if p.dropped is not None:
+            write_json(tmp / "dropped.json", p.dropped)
         write_json(
             tmp / "dataset.json",
             {"root": _portable(p.root), "label_set": list(p.label_set), "features": sorted(p.features or {}), "info": p.info},
@@ -150,4 +178,5 @@ def load_prepared(out_dir: str | Path) -> Prepared:
                 raise DataError(str(npz), "holds every array dataset.json lists", f"missing {missing}")
             features = {m: z[m] for m in meta["features"]}
     items = read_items(out_dir / "items.jsonl")
-    return Prepared(items, Path(meta["root"]), features, list(meta["label_set"]), meta["info"])
+    origins = read_json(out_dir / "origins.json", dict) if (out_dir / "origins.json").is_file() else None
+    return Prepared(items, Path(meta["root"]), features, list(meta["label_set"]), meta["info"], origins)

@@ -45,6 +45,8 @@ class ReadResult:
     features: dict[str, np.ndarray] | None
     label_set: list[str]
     name: str
+    #: item id -> where it was read ("items.jsonl:12"), for errors found after reading
+    origins: dict[str, str] | None = None
 
 
 READERS: Registry[Callable[..., ReadResult]] = Registry("reader")
@@ -72,28 +74,32 @@ def _describe(hint) -> str:
     return {str: "a string", bool: "a boolean (true/false)", int: "an integer", type(None): "null"}.get(hint, str(hint))
 
 
+def _check_options(name: str, allowed: list[str], hints: dict, options: dict) -> None:
+    for key, value in options.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"reader {name!r}: unknown option {key!r}{nearest(key, allowed)}; "
+                f"allowed: {', '.join(allowed) or '(none)'}"
+            )
+        if key in hints and not _option_fits(value, hints[key]):
+            raise ConfigError(f"reader {name!r}: option {key}={value!r} must be {_describe(hints[key])}")
+
+
 def _reader(name: str):
     """Register ``fn(source, *, opt=default, ...)``; an unknown option, or one of the wrong
-    type (``caption_files: a.json`` where a list is expected), becomes a ConfigError."""
+    type (``caption_files: a.json`` where a list is expected), becomes a ConfigError.
+    ``READERS.get(name).check_options(options)`` runs that check alone, before any reading."""
 
     def decorator(fn):
         allowed = [p for p in inspect.signature(fn).parameters if p != "source"]
-        hints = typing.get_type_hints(fn)
+        check = functools.partial(_check_options, name, allowed, typing.get_type_hints(fn))
 
         @functools.wraps(fn)
         def wrapper(source, **options) -> ReadResult:
-            for key, value in options.items():
-                if key not in allowed:
-                    raise ConfigError(
-                        f"reader {name!r}: unknown option {key!r}{nearest(key, allowed)}; "
-                        f"allowed: {', '.join(allowed) or '(none)'}"
-                    )
-                if key in hints and not _option_fits(value, hints[key]):
-                    raise ConfigError(
-                        f"reader {name!r}: option {key}={value!r} must be {_describe(hints[key])}"
-                    )
+            check(options)
             return fn(Path(source), **options)
 
+        wrapper.check_options = check
         READERS.register(name)(wrapper)
         return wrapper
 
@@ -202,12 +208,15 @@ def _label_set(items: list[Item]) -> list[str]:
     return sorted(labels, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
 
 
-def _check_unique_ids(items: list[Item], where: str) -> None:
-    seen: set[str] = set()
-    for it in items:
+def _check_unique_ids(items: list[Item], where: str, lines: list[int] | None = None) -> None:
+    """DataError for the first id given twice; with ``lines`` (each item's line), naming both lines."""
+    seen: dict[str, int] = {}
+    for k, it in enumerate(items):
         if it.id in seen:
-            raise DataError(where, "ids unique", f"item id {it.id!r} occurs twice")
-        seen.add(it.id)
+            at = f" (lines {lines[seen[it.id]]} and {lines[k]})" if lines else ""
+            raise DataError(f"{where}:{lines[k]}" if lines else where, "ids unique",
+                            f"item id {it.id!r} occurs twice{at}")
+        seen[it.id] = k
 
 
 def _from_items_jsonl(source: Path, to_item: Callable[[dict, str], Item | None]) -> ReadResult:
@@ -215,11 +224,13 @@ def _from_items_jsonl(source: Path, to_item: Callable[[dict, str], Item | None])
     a None from ``to_item`` drops the row; a file that gives no item is a DataError."""
     path = source / "items.jsonl"
     rows = list(_iter_jsonl(path))
-    items = [it for lineno, row in rows if (it := to_item(row, f"{path}:{lineno}")) is not None]
-    if not items:
+    kept = [(lineno, it) for lineno, row in rows if (it := to_item(row, f"{path}:{lineno}")) is not None]
+    if not kept:
         raise DataError(str(path), "at least one item", f"{len(rows)} row(s), none kept" if rows else "the file is empty")
-    _check_unique_ids(items, str(path))
-    return ReadResult(items, source, None, _label_set(items), source.name)
+    items = [it for _, it in kept]
+    _check_unique_ids(items, str(path), [lineno for lineno, _ in kept])
+    return ReadResult(items, source, None, _label_set(items), source.name,
+                      {it.id: f"{path}:{lineno}" for lineno, it in kept})
 
 
 def _one_file(source: Path, pattern: str) -> Path:
@@ -295,6 +306,10 @@ def read_openclipart(source: Path, keep_collection_titles: bool = False) -> Read
         if description and _NON_DESCRIPTIVE.match(description.strip()):
             description = None
         texts = _unique_texts(title, description)
+        if not texts and title and not title.strip():
+            # a blank title (spaces only) and nothing else: kept without texts, so the
+            # "texts non-empty" rule reports it (or drops it, data.on_invalid: drop)
+            return Item(id=_require(row, "id", where), split="", image=_optional(row, "image", where))
         if not texts:
             return None  # only a non-descriptive description: no caption to learn from
         labels = {_require(row, "category", where)}
@@ -664,3 +679,6 @@ def read_cuhk_pedes(
 # Audio and video readers live in their own module; importing it here registers them, so
 # every caller of READERS (the ingest stage, `cmr list readers`) sees them.
 from cmr.data import av_readers  # noqa: E402,F401
+# Readers in other modules register themselves when imported; importing them here means
+# that whoever reads READERS sees every reader.
+from cmr.data import table_reader  # noqa: E402,F401  (the generic JSONL/CSV reader)

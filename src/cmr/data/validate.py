@@ -19,6 +19,7 @@ from cmr.data.prepare import Prepared
 from cmr.data.schema import SPLITS, Item
 from cmr.data.splits import leaking_items
 from cmr.errors import DataError
+from cmr.progress import progress
 
 #: examples of breaking rows kept per expectation in the report
 MAX_EXAMPLES = 20
@@ -96,7 +97,7 @@ def _media_columns(items: list[Item], root: Path, field: str) -> tuple[dict[str,
     names = [f"{field}_exists", f"{field}_decodes"] + [f"{field}_{m}" for m in measured]
     cols: dict[str, list] = {c: [] for c in names}
     detail: dict[str, list] = {c: [] for c in names}
-    for it in items:
+    for it in progress(items, len(items), f"checking {field} files", unit="item"):
         rel = getattr(it, field)
         values: dict[str, object] = {}
         why = rel or ""
@@ -320,9 +321,10 @@ def validate_prepared(p: Prepared, min_chars: int, max_chars: int, media: MediaB
     }
 
 
-def raise_on_failure(report: dict, items_path: str | Path) -> None:
+def raise_on_failure(report: dict, items_path: str | Path, origins: dict[str, str] | None = None) -> None:
     """Raise DataError for the failure on the lowest line of ``items_path`` (first rule
-    on ties), naming file:line, the field and the rule, with the count of all failures."""
+    on ties), naming file:line, the field and the rule, with the count of all failures.
+    With ``origins`` (item id -> source file:line), the user's source line is named instead."""
     if report["success"]:
         return
     failed = [e for e in report["expectations"] if not e["success"]]
@@ -333,7 +335,7 @@ def raise_on_failure(report: dict, items_path: str | Path) -> None:
     row, _, e, u = min(candidates, key=lambda c: (c[0], c[1]))
     rules = ", ".join(f"'{f['rule']}' x{f['unexpected_count']}" for f in failed)
     raise DataError(
-        f"{items_path}:{row}",
+        (origins or {}).get(u["id"]) or f"{items_path}:{row}",
         e["rule"],
         f"field '{e['field']}' of item {u['id']!r} ({u['value']}); "
         f"{report['n_failures']} failure(s) in all: {rules}",

@@ -13,7 +13,6 @@ import math
 import warnings
 from dataclasses import dataclass
 
-import ot
 import torch
 
 from cmr.errors import ConfigError, DataError
@@ -252,6 +251,8 @@ def _pot_sinkhorn(bank: torch.Tensor, epsilon: float, max_iter: int, stop_thr: f
     cost = col_max[None, :] - bank.to(dtype)
     a = _marginal(bank_weights, n_bank, dtype, bank.device, "bank_weights")
     b = _marginal(gallery_weights, n_gallery, dtype, bank.device, "gallery_weights")
+    import ot  # POT takes seconds to import; `cmr list calibrators` and friends need not wait for it
+
     with warnings.catch_warnings():
         # POT warns on non-convergence in its own words; the caller measures and warns.
         warnings.simplefilter("ignore", UserWarning)

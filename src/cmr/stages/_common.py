@@ -48,4 +48,14 @@ def stage_main(name: str, body: Callable[[Params], object], argv: list[str] | No
         rank = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         log(f"cmr {name}{rank}: error: {e}")
         return 2
+    except OSError as e:  # a full disk, a read-only folder: the OS's one line says it best
+        log(f"cmr {name}: error: {os_error_line(e)}")
+        return 2
     return 0
+
+
+def os_error_line(e: OSError) -> str:
+    """'No space left on device: data/models/x' from an OSError (no traceback)."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+    return f"{e.strerror or type(e).__name__}{': ' + where if where else ''}"
+

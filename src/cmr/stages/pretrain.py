@@ -6,6 +6,7 @@ cmmixer archs: the fuse-then-separate masked autoencoder on the gallery/query me
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from cmr.config import Params
 from cmr.data.prepare import load_prepared
@@ -27,6 +28,8 @@ def train_two_tower(p: Params, init_dir: str | None, section: str, out_dir: str)
         weight_decay=cfg.weight_decay, select_metric=cfg.select_metric, seed=p.seed,
         device=device if dist is None else dist.device, amp=p.amp, level=p.evaluate.level, ks=p.evaluate.ks,
         cache_dir=p.paths.cache, log=lambda m: log(f"{section}: {m}"), workers=p.num_workers, dist=dist,
+        # outside the stage's DVC output, which DVC deletes before the stage runs
+        resume_dir=str(Path(p.paths.cache) / "resume" / section),
     )
     shutdown(dist)
     return {"best_epoch": result.best_epoch, **result.best}

@@ -20,7 +20,7 @@ def run(prepared_dir: str, min_chars: int, max_chars: int, report_path: str,
     prepared = load_prepared(prepared_dir)
     report = validate_prepared(prepared, min_chars, max_chars, media)
     write_json(report_path, report)
-    raise_on_failure(report, str(Path(prepared_dir) / "items.jsonl"))
+    raise_on_failure(report, str(Path(prepared_dir) / "items.jsonl"), prepared.origins)
     log(f"validate: all expectations met -> {report_path}")
     return report
 

@@ -5,6 +5,7 @@ under ``studies/<name>/`` and logs one MLflow parent run with a nested run per c
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
 from pathlib import Path
@@ -12,6 +13,22 @@ from pathlib import Path
 from cmr.registry import Registry
 
 STUDIES = Registry("study")
+
+
+def names() -> list[str]:
+    """The registered study names, read from the modules' ``@STUDIES.register("name")`` lines
+    without importing them (importing every study loads torch and open_clip: seconds)."""
+    found = []
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name.startswith("_"):
+            continue
+        tree = ast.parse((Path(__file__).parent / f"{mod.name}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            for dec in getattr(node, "decorator_list", ()):
+                if (isinstance(dec, ast.Call) and ast.unparse(dec.func) == "STUDIES.register" and dec.args
+                        and isinstance(dec.args[0], ast.Constant)):
+                    found.append(dec.args[0].value)
+    return sorted(found)
 
 
 def load_all() -> Registry:

@@ -62,6 +62,7 @@ from cmr.errors import CmrError
 from cmr.io import atomic_path, write_text
 from cmr.losses import build_loss
 from cmr.models import build_two_tower
+from cmr.progress import progress
 from cmr.retrieval.calibrate import MARGINAL_NEIGHBOURS, TRANSDUCTIVE_SUFFIX
 from cmr.retrieval.evaluation import both_directions, positives_t2i
 from cmr.stages._common import log, resolve_device
@@ -203,7 +204,7 @@ def run_dataset(p: Params, name: str, reader: str, source: str, seeds, epochs: i
         prepared = base if offset == 0 else prepare_dataset(reader, source, options, d.val_fraction,
                                                             d.test_fraction, split_seed)
         features = resplit(pool, row_of, prepared)
-        for loss_name in LOSSES:
+        for loss_name in progress(LOSSES, len(LOSSES), f"{name} split {split_seed}", unit="loss"):
             for seed in seeds:
                 _reset_heads(model, initial, seed)
                 loss_fn = build_loss({loss_name: 1.0}, t.loss_options, model.embed_dim, len(prepared.label_set))

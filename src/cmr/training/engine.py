@@ -23,10 +23,12 @@ import torch
 
 from cmr.errors import ConfigError
 from cmr.losses import LossInputs
+from cmr.progress import progress
 from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.retrieval.metrics import require_higher_is_better
 from cmr.training.distributed import Distributed, all_gather_with_grad
 from cmr.training.features import FeatureSet, _tokens_to, image_batches
+from cmr.training.resume import Resume, rng_states, set_rng_states
 
 
 @dataclass
@@ -101,18 +103,37 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _select(model, loss_fn, epochs: int, run_epoch: Callable[[int], dict], evaluate: Callable[[], dict],
-            select_metric: str, log: Callable[[str], None]) -> TrainResult:
+            select_metric: str, log: Callable[[str], None], opt, sched, gen: torch.Generator,
+            resume: Resume | None = None) -> TrainResult:
+    """Run the epochs, evaluate each on validation, restore the best state.
+
+    With ``resume``, every finished epoch is checkpointed (model, loss, ``opt``, ``sched``,
+    every RNG, the selection so far) and a matching checkpoint is continued from.
+    """
     key = select_metric.removeprefix("val/")
     require_higher_is_better(select_metric, "select_metric")
-    result = TrainResult()
-    best = evaluate()
-    if key not in best:
-        raise ConfigError(f"select_metric {select_metric!r} is not a validation metric; have "
-                          f"{', '.join('val/' + k for k in sorted(best))}")
-    result.best = best
-    best_state = (_snapshot(model), _snapshot(loss_fn))
-    log(f"epoch 0: val {key}={best[key]:.2f}")
-    for epoch in range(1, epochs + 1):
+    saved = resume.load(log) if resume is not None else None
+    if saved is not None:
+        result = TrainResult(saved["history"], saved["best_epoch"], saved["best"])
+        best_state = (saved["best_model"], saved["best_loss"])
+        model.load_state_dict(saved["model"], strict=False)
+        loss_fn.load_state_dict(saved["loss"], strict=False)
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        set_rng_states(saved["rng"], gen)
+        start = saved["epoch"] + 1
+        log(f"resuming after epoch {saved['epoch']} of {epochs} (checkpoint {resume.path})")
+    else:
+        result = TrainResult()
+        best = evaluate()
+        if key not in best:
+            raise ConfigError(f"select_metric {select_metric!r} is not a validation metric; have "
+                              f"{', '.join('val/' + k for k in sorted(best))}")
+        result.best = best
+        best_state = (_snapshot(model), _snapshot(loss_fn))
+        log(f"epoch 0: val {key}={best[key]:.2f}")
+        start = 1
+    for epoch in range(start, epochs + 1):
         t0 = time.perf_counter()
         parts = run_epoch(epoch)
         metrics = evaluate()
@@ -120,11 +141,16 @@ def _select(model, loss_fn, epochs: int, run_epoch: Callable[[int], dict], evalu
         # reproduces bit for bit; the wall time goes to the log
         result.history.append({"epoch": epoch, **{f"train/{k}": v for k, v in parts.items()},
                                **{f"val/{k}": v for k, v in metrics.items()}})
-        log(f"epoch {epoch}: loss={parts.get('loss', float('nan')):.4f} val {key}={metrics[key]:.2f} "
-            f"({time.perf_counter() - t0:.1f} s)")
         if metrics[key] > result.best[key]:
             result.best, result.best_epoch = metrics, epoch
             best_state = (_snapshot(model), _snapshot(loss_fn))
+        if resume is not None:
+            resume.save({"epoch": epoch, "model": _snapshot(model), "loss": _snapshot(loss_fn),
+                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_states(gen),
+                         "history": result.history, "best": result.best, "best_epoch": result.best_epoch,
+                         "best_model": best_state[0], "best_loss": best_state[1]})
+        log(f"epoch {epoch}/{epochs}: loss={parts.get('loss', float('nan')):.4f} val {key}={metrics[key]:.2f} "
+            f"({time.perf_counter() - t0:.1f} s)")
     model.load_state_dict(best_state[0], strict=False)  # frozen parameters never left their values
     loss_fn.load_state_dict(best_state[1], strict=False)
     return result
@@ -144,13 +170,14 @@ def _epoch_runner(model, loss_fn, opt, sched, fs: FeatureSet, batch_size: int, g
     if dist is not None:
         dist.start(model, loss_fn, seed=torch.initial_seed())  # the seed seed_everything set
 
-    def run_epoch(_epoch: int) -> dict:
+    def run_epoch(epoch: int) -> dict:
         model.train()
         loss_fn.train()
         sums: dict[str, float] = {}
         batches = _pair_batches(fs, batch_size, gen)
         local = batches if dist is None else [dist.shard(rows) for rows in batches]
-        for rows, (img, txt) in zip(batches, embed(local)):
+        steps = progress(zip(batches, embed(local)), len(batches), f"epoch {epoch}", unit="step")
+        for rows, (img, txt) in steps:
             if dist is not None:
                 img, txt = all_gather_with_grad(img), all_gather_with_grad(txt)
             item = fs.text_item[rows]
@@ -174,7 +201,7 @@ def _epoch_runner(model, loss_fn, opt, sched, fs: FeatureSet, batch_size: int, g
 def train_heads(model, loss_fn, train: FeatureSet, val: FeatureSet, *, epochs: int, batch_size: int, lr: float,
                 weight_decay: float, select_metric: str, seed: int, device: str = "cpu", level: str = "instance",
                 ks: Sequence[int] = (1, 5, 10), log: Callable[[str], None] = print,
-                dist: Distributed | None = None) -> TrainResult:
+                dist: Distributed | None = None, resume: Resume | None = None) -> TrainResult:
     """Train heads (+ logit_scale + loss parameters) on cached backbone features; ``dist``: data-parallel."""
     gen = seed_everything(seed)
     model.to(device)
@@ -190,7 +217,7 @@ def train_heads(model, loss_fn, train: FeatureSet, val: FeatureSet, *, epochs: i
 
     run_epoch = _epoch_runner(model, loss_fn, opt, sched, train, batch_size, gen, device, embed, dist)
     return _select(model, loss_fn, epochs, run_epoch, lambda: validate(model, val, device, level, ks),
-                   select_metric, log)
+                   select_metric, log, opt, sched, gen, resume)
 
 
 def _on(fs: FeatureSet, device: str) -> FeatureSet:
@@ -205,7 +232,7 @@ def train_towers(model, loss_fn, tokenizer, preprocess_train, encode_val: Callab
                  backbone_lr: float | None = None, freeze_bn_stats: bool = True, workers: int = 0,
                  level: str = "instance",
                  ks: Sequence[int] = (1, 5, 10), log: Callable[[str], None] = print,
-                 dist: Distributed | None = None) -> TrainResult:
+                 dist: Distributed | None = None, resume: Resume | None = None) -> TrainResult:
     """Fine-tune with at least one tower unlocked; images decoded and augmented each step
     (``workers`` > 0: that many processes decode ahead, see :func:`cmr.training.features.image_batches`;
     ``dist``: data-parallel).
@@ -242,4 +269,4 @@ def train_towers(model, loss_fn, tokenizer, preprocess_train, encode_val: Callab
         fs = encode_val()
         return evaluate_embeddings(fs.image, fs.text, fs.text_item, level, fs.labels, fs.identity, ks)
 
-    return _select(model, loss_fn, epochs, run_epoch, evaluate, select_metric, log)
+    return _select(model, loss_fn, epochs, run_epoch, evaluate, select_metric, log, opt, sched, gen, resume)

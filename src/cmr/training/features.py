@@ -19,6 +19,7 @@ from PIL import Image
 
 from cmr.data.schema import Item
 from cmr.io import atomic_path
+from cmr.progress import progress
 
 
 @dataclass
@@ -118,9 +119,10 @@ def image_batches(root: Path, batches: Sequence[Sequence[str]], preprocess: Call
 
 
 @torch.no_grad()
-def encode_batched(fn: Callable, batches: Iterable) -> torch.Tensor:
-    """Concatenated ``fn(batch)`` over the batches, as float32 on the CPU."""
-    outs = [fn(batch).float().cpu() for batch in batches]
+def encode_batched(fn: Callable, batches: Iterable, total: int | None = None, desc: str = "") -> torch.Tensor:
+    """Concatenated ``fn(batch)`` over the batches, as float32 on the CPU (``total`` batches:
+    a progress bar on a terminal)."""
+    outs = [fn(batch).float().cpu() for batch in progress(batches, total, desc, unit="batch")]
     return torch.cat(outs) if outs else torch.empty(0)
 
 
@@ -145,13 +147,14 @@ def compute_backbone_features(
     model.eval()
     to_device = lambda x: x.to(device, non_blocking=True)
     rels = [it.image for it in items]
-    pixel_batches = image_batches(root, [rels[i : i + batch_size] for i in range(0, len(rels), batch_size)],
-                                  preprocess, workers, pin_memory=str(device).startswith("cuda"))
+    rel_batches = [rels[i : i + batch_size] for i in range(0, len(rels), batch_size)]
+    pixel_batches = image_batches(root, rel_batches, preprocess, workers, pin_memory=str(device).startswith("cuda"))
     img = encode_batched(lambda px: model.backbone_image(to_device(px).contiguous(memory_format=torch.channels_last)),
-                         pixel_batches)
+                         pixel_batches, len(rel_batches), f"images ({len(rels)})")
     tb = 2 * batch_size
     txt = encode_batched(lambda batch: model.backbone_text(_tokens_to(tokenizer(list(batch)), device)),
-                         (texts[i : i + tb] for i in range(0, len(texts), tb)))
+                         (texts[i : i + tb] for i in range(0, len(texts), tb)), -(-len(texts) // tb),
+                         f"texts ({len(texts)})")
     return img, txt, text_item
 
 

@@ -14,11 +14,12 @@ import torch
 from cmr.data.prepare import Prepared
 from cmr.data.schema import by_split
 from cmr.errors import ConfigError
-from cmr.io import read_json, write_json
+from cmr.io import check_writable, read_json, write_json
 from cmr.losses import LOSSES, build_loss
 from cmr.models import build_two_tower, load_two_tower, save_two_tower
 from cmr.training.distributed import Distributed, is_main, local_main_first, write_on_main
 from cmr.training.engine import TrainResult, train_heads, train_towers
+from cmr.training.resume import Resume, fingerprint
 from cmr.training.features import (FeatureSet, cache_key, cached_backbone_features, compute_backbone_features,
                                    identity_vector, label_matrix, texts_of)
 
@@ -78,10 +79,18 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
         lr: float, weight_decay: float, select_metric: str, seed: int, device: str, amp: bool, level: str,
         ks: Sequence[int], cache_dir: str | None, log: Callable[[str], None],
         backbone_lr: float | None = None, freeze_bn_stats: bool = True, workers: int = 0,
-        dist: Distributed | None = None) -> TrainResult:
-    """Train and save to ``out_dir``. ``dist`` (:func:`cmr.training.distributed.init_from_env`): one
-    of several data-parallel processes; ``batch_size`` is then the global batch, rank 0 alone logs
-    and writes ``out_dir``, once every rank has finished."""
+        dist: Distributed | None = None, resume_dir: str | None = None) -> TrainResult:
+    """Train from ``init_dir`` (or the pretrained towers) and save to ``out_dir``.
+
+    ``dist`` (:func:`cmr.training.distributed.init_from_env`): one of several data-parallel
+    processes; ``batch_size`` is then the global batch, rank 0 alone logs and writes ``out_dir``,
+    once every rank has finished. With ``resume_dir`` (one process only), each epoch is
+    checkpointed there and a rerun with the same settings, data and starting model continues
+    after the last finished epoch (:mod:`cmr.training.resume`); the checkpoint is removed once
+    ``out_dir`` is written.
+    """
+    check_writable(out_dir)  # before hours of training, not after
+    settings = {k: v for k, v in locals().items() if k not in ("prepared", "log", "cache_dir", "resume_dir", "dist")}
     torch.manual_seed(seed)
     if init_dir:
         bundle = load_two_tower(Path(init_dir) / "model", device=device)
@@ -102,9 +111,15 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
     if lock_text:
         model.lock_text_tower()
     loss_fn = build_loss(losses, loss_options, model.embed_dim, num_classes_for(prepared, losses))
+    resume = None
+    if resume_dir is not None and dist is None:  # ranks would race on one checkpoint: no resume under torchrun
+        start = file_digest(Path(init_dir) / "model") if init_dir else bid
+        resume = Resume(Path(resume_dir), fingerprint(
+            settings | {"data_version": prepared.info["data_version"], "start": start,
+                        "torch": torch.__version__}))
     common = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                   select_metric=select_metric, seed=seed, device=device, level=level, ks=ks,
-                  log=log if is_main(dist) else (lambda m: None), dist=dist)
+                  log=log if is_main(dist) else (lambda m: None), dist=dist, resume=resume)
     if lock_image and lock_text:
         with local_main_first(dist):  # one process per machine fills the feature cache
             features = {s: split_features(bundle, prepared, s, bid, device, cache_dir, workers)
@@ -138,4 +153,6 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
                    {"best_epoch": result.best_epoch})
 
     write_on_main(dist, out_dir, save)
+    if resume is not None:
+        resume.clear()
     return result
