@@ -100,3 +100,13 @@ def test_cmmixer_study_quick(tmp_path, monkeypatch):
     table = (tmp_path / "studies/cmmixer-quick/table.md").read_text()
     assert "random ranking" in table and "a2v R@1" in table
     assert (tmp_path / "studies/cmmixer-quick/plot.png").stat().st_size > 5_000
+
+
+def test_check_knows_cmmixer_archs_and_the_pair():
+    from cmr.check import check_settings
+
+    check_settings(load_params(REPO / "params" / "av.yaml"))
+    with pytest.raises(ConfigError, match="unknown mixer 'cutmx'"):
+        check_settings(load_params(REPO / "params" / "av.yaml", {"cmmixer.mixer": "cutmx"}))
+    with pytest.raises(ConfigError, match="need a cmmixer arch"):
+        check_settings(load_params(REPO / "params.yaml", {"data.gallery": "video", "data.query": "audio"}))
