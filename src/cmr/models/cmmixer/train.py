@@ -120,7 +120,7 @@ def pretrain(video: Tensor | None, audio: Tensor | None, val_video: Tensor | Non
                 sums[k] = sums.get(k, 0.0) + v * len(rows) / n_val
         return {**sums, "neg_loss": -sums["loss"]}
 
-    return model, _select(model, nn.Module(), epochs, run_epoch, evaluate, "val/neg_loss", log)
+    return model, _select(model, nn.Module(), epochs, run_epoch, evaluate, "val/neg_loss", log, opt, sched, gen)
 
 
 def label_matrix(labels: Tensor) -> Tensor:
@@ -193,4 +193,4 @@ def finetune(encoder_state: dict[str, Tensor] | None, train_a: Tensor, train_b: 
         emb_a, emb_b = encode(model, val_a, val_b, batch_size, device)
         return evaluate_embeddings(emb_a, emb_b, torch.arange(emb_b.shape[0]), level, labels=val_classes, ks=ks)
 
-    return model, _select(model, nn.Module(), epochs, run_epoch, evaluate, select_metric, log)
+    return model, _select(model, nn.Module(), epochs, run_epoch, evaluate, select_metric, log, opt, sched, gen)
