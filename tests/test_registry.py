@@ -104,11 +104,22 @@ def test_git_provenance_counts_untracked_files_and_never_vouches_outside_git(tmp
 WORKER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from cmr.tracking.mlflow_log import log_pipeline_run
+    import cmr.tracking.mlflow_log as tracking
+    from cmr.tracking.mlflow_log import configure, log_pipeline_run
+
+    read_champion = tracking.champion_score
+
+    def slow_read(*args, **kwargs):  # widen the window between reading the champion and acting on it
+        out = read_champion(*args, **kwargs)
+        time.sleep(2.0)
+        return out
+
+    tracking.champion_score = slow_read
 
     uri, model_dir, score, barrier, n, i = (sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4]),
                                             int(sys.argv[5]), sys.argv[6])
-    (barrier / i).touch()  # imports done: wait for the others, then all register at once
+    configure(uri, "t")  # all open the fresh store at once (its schema is created then)
+    (barrier / i).touch()  # store open: wait for the others, then all register at once
     while len(list(barrier.iterdir())) < n:
         time.sleep(0.01)
     out = log_pipeline_run(uri=uri, experiment="t", run_name="r", params={"a": 1}, metrics={"val": {"rsum": score}},
@@ -135,7 +146,7 @@ def test_concurrent_registrations_on_a_fresh_store_end_on_the_best_model_with_tr
              for i, s in enumerate(scores)]
     outs = []
     for proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=900)
         assert proc.returncode == 0, stderr[-3000:]
         outs.append(json.loads(stdout.strip().splitlines()[-1]))
     mlflow.set_tracking_uri(uri)
