@@ -1,6 +1,6 @@
 """Start or stop a shared MLflow tracking server: PostgreSQL backend store + served artifact root.
 
-    python scripts/tracking_server.py start DIR [--port 5000] [--host 127.0.0.1] [--workers 2]
+    python scripts/tracking_server.py start DIR [--port 5000] [--host 127.0.0.1] [--workers 2] [--mlflow-arg ARG]
     python scripts/tracking_server.py stop DIR
 
 DIR holds everything: ``pgdata/`` (the PostgreSQL cluster, created on the first start),
@@ -110,7 +110,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float =
     raise RuntimeError(f"mlflow server not healthy after {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def start(d: Path, host: str, port: int | None, workers: int) -> dict:
+def start(d: Path, host: str, port: int | None, workers: int, extra: list[str] = ()) -> dict:
     d = d.resolve()
     if (d / "server.json").exists():
         sys.exit(f"tracking_server: {d / 'server.json'} exists: already running? (stop {d} first)")
@@ -146,7 +146,7 @@ def start(d: Path, host: str, port: int | None, workers: int) -> dict:
         with open(mlflow_log, "ab") as log:
             proc = subprocess.Popen([mlflow, "server", "--backend-store-uri", backend, "--artifacts-destination",
                                      str(d / "artifacts"), "--host", host, "--port", str(port),
-                                     "--workers", str(workers)],
+                                     "--workers", str(workers), *extra],
                                     env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         state = {"url": url, "mlflow_pid": proc.pid, "mlflow_port": port, "postgres_port": pg_port,
@@ -190,12 +190,14 @@ def main(argv=None) -> int:
     s.add_argument("--host", default="127.0.0.1", help="address the MLflow server listens on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="MLflow server port (default: a free one)")
     s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--mlflow-arg", action="append", default=[], metavar="ARG",
+                   help="passed on to `mlflow server` (repeatable), e.g. --mlflow-arg=--allowed-hosts=host0:5000")
     t = sub.add_parser("stop", help="stop both")
     t.add_argument("dir", type=Path)
     a = ap.parse_args(argv)
     if a.cmd == "start":
         t0 = time.monotonic()
-        state = start(a.dir, a.host, a.port, a.workers)
+        state = start(a.dir, a.host, a.port, a.workers, a.mlflow_arg)
         print(f"tracking server up in {time.monotonic() - t0:.1f} s: {state['url']} "
               f"(backend {state['backend_store_uri']}, artifacts {state['artifacts']})")
         print(f"point the pipeline at it: tracking.uri: {state['url']}   (or cmr --set tracking.uri={state['url']})")
