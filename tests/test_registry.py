@@ -10,7 +10,7 @@ import pytest
 mlflow = pytest.importorskip("mlflow")
 
 from cmr.errors import CmrError, ConfigError  # noqa: E402
-from cmr.tracking.mlflow_log import latest_data_version, log_pipeline_run  # noqa: E402
+from cmr.tracking.mlflow_log import artifact_location, latest_data_version, log_pipeline_run  # noqa: E402
 
 
 @pytest.fixture
@@ -76,6 +76,13 @@ def test_latest_data_version_skips_versions_of_runs_that_did_not_finish(registry
     assert latest_data_version(registry.uri, "m") == "d2"
     mlflow.MlflowClient().set_terminated(second["run_id"], "FAILED")
     assert latest_data_version(registry.uri, "m") == "d1"
+
+
+def test_artifacts_go_beside_a_sqlite_store_and_to_a_tracking_servers_own_root(tmp_path):
+    assert artifact_location(f"sqlite:///{tmp_path}/m/mlflow.db") == (tmp_path / "m" / "artifacts").as_uri()
+    # a server serves its artifact root to every machine; a local path would be one client's disk
+    assert artifact_location("http://127.0.0.1:5000") is None
+    assert artifact_location("https://mlflow.example.org") is None
 
 
 def test_lower_is_better_metrics_cannot_pick_the_champion(registry):

@@ -91,3 +91,30 @@ def test_registry_lock_waits_for_a_live_holder_and_takes_over_a_dead_one(tmp_pat
     with registry_lock(client, "m", wait_s=5, log=messages.append):
         assert client.get_registered_model("m.lock").tags[OWNER_TAG].split(":")[1] == str(os.getpid())
     assert "is gone; taking it over" in messages[0]
+
+
+def test_registry_lock_taken_by_a_create_whose_reply_was_lost_is_held_not_waited_for(tmp_path):
+    """Over HTTP the client retries a request whose reply was lost: the lock model then exists
+    with this holder's own tag, and the retry answers RESOURCE_ALREADY_EXISTS."""
+    mlflow = pytest.importorskip("mlflow")
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
+
+    from cmr.tracking.locks import OWNER_TAG, registry_lock
+    from cmr.tracking.mlflow_log import configure
+
+    configure(f"sqlite:///{tmp_path / 'mlflow.db'}", "t")
+    client = mlflow.MlflowClient()
+
+    class RetriedCreate:
+        def __getattr__(self, attr):
+            return getattr(client, attr)
+
+        def create_registered_model(self, name, **kw):
+            client.create_registered_model(name, **kw)  # the first request went through
+            raise MlflowException(f"Registered Model (name={name}) already exists.",
+                                  error_code=RESOURCE_ALREADY_EXISTS)
+
+    with registry_lock(RetriedCreate(), "m", wait_s=1.0) as owner:
+        assert client.get_registered_model("m.lock").tags[OWNER_TAG] == owner
+    assert client.search_registered_models() == []  # released

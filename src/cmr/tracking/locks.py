@@ -101,6 +101,8 @@ def registry_lock(client: MlflowClient, model_name: str, *, wait_s: float = 1800
             if _code(e) != "RESOURCE_ALREADY_EXISTS":
                 raise
         holder = _holder(client, name)
+        if holder == owner:  # ours: a tracking server's client retried a create whose reply was lost
+            break
         if holder is not None and _dead_here(holder) and _holder(client, name) == holder:
             log(f"registry lock {name!r}: its holder {holder} is gone; taking it over")
             _release(client, name)

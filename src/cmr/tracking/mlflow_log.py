@@ -53,6 +53,16 @@ def _open_store() -> MlflowClient:
     return client
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``artifacts/`` beside a SQLite store (``mlruns/``
+    for another database); None for a tracking server, whose own artifact root serves them to
+    every machine (a local path would be the path on whichever machine created the experiment)."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    root = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path("mlruns")
+    return (root.resolve() / "artifacts").as_uri()
+
+
 def configure(uri: str, experiment: str, attempts: int = 5) -> str:
     """Point MLflow at ``uri`` (sqlite under mlruns/ by default); artifacts live beside it.
 
@@ -73,9 +83,8 @@ def configure(uri: str, experiment: str, attempts: int = 5) -> str:
         exp = client.get_experiment_by_name(experiment)
         if exp is not None:
             return exp.experiment_id
-        root = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path("mlruns")
         try:
-            return client.create_experiment(experiment, artifact_location=(root.resolve() / "artifacts").as_uri())
+            return client.create_experiment(experiment, artifact_location=artifact_location(uri))
         except MlflowException as e:
             if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                 raise
