@@ -90,7 +90,14 @@ SOURCES = {
     "features_npz": (lambda s, t: s / "wikipedia_cmr", {}),
     "features_mat": (lambda s, t: s / "wikipedia_cmr" / "original", {}),
     "cuhk_pedes": (lambda s, t: s / "cuhk_pedes_sample", {"skip_missing_images": True}),
+    "flickr8k": (lambda s, t: _needs(s / "flickr8k") / "original", {}),
 }
+
+
+def _needs(folder: Path) -> Path:
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found (set CMR_SHARED_DATASETS)")
+    return folder
 
 
 def test_every_reader_has_a_test_source():

@@ -87,6 +87,8 @@ def prepare_dataset(
         "feature_dims": {m: int(a.shape[1]) for m, a in sorted((features or {}).items())},
         "data_version": data_version(items, result.root, features),
     }
+    if result.skipped:  # what the reader left out (captions without an image, ...), counted
+        info["skipped"] = dict(result.skipped)
     return Prepared(items, result.root, features, list(result.label_set), info)
 
 

@@ -13,6 +13,8 @@ def run(reader: str, source: str, options: dict, val_fraction: float, test_fract
     prepared = prepare_dataset(reader, source, options, val_fraction, test_fraction, split_seed)
     save_prepared(prepared, out_dir)
     log(f"ingest: {prepared.info.get('counts')} -> {out_dir}")
+    if prepared.info.get("skipped"):
+        log(f"ingest: left out of {source}: {prepared.info['skipped']}")
     return prepared.info
 
 
