@@ -33,6 +33,27 @@ def random_baseline(positives: torch.Tensor, ks: Sequence[int], seed: int, draws
     return {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
 
 
+def write_metrics_and_curves(metrics: dict, scores: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                             positives: torch.Tensor, metrics_path: str, plots_dir: str) -> None:
+    """Write ``metrics`` (JSON) and ``plots_dir/recall_at_k.csv``: recall@1..min(50, N) per direction
+    for each ``name -> (t2i [T, N], i2t [N, T])`` in ``scores`` (``positives``: [T, N] bool)."""
+    max_k = min(50, positives.shape[1])
+    curves = {f"{d}_{name}": recall_curve(s, p, max_k)
+              for name, (a, b) in scores.items()
+              for d, s, p in (("t2i", a, positives), ("i2t", b, positives.T))}
+    if Path(plots_dir).exists() and not Path(plots_dir).is_dir():
+        raise DataError(plots_dir, "paths.plots is a folder", "it is a file")
+    # both written under temporary names first: a failure leaves the previous metrics and plots
+    with atomic_path(Path(plots_dir)) as tmp:
+        tmp.mkdir()
+        with open(tmp / "recall_at_k.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["k", *curves])
+            for k in range(1, max_k + 1):
+                w.writerow([k, *(f"{c[k - 1]:.4f}" for c in curves.values())])
+        write_json(metrics_path, metrics)
+
+
 def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int], seed: int,
         metrics_path: str, plots_dir: str) -> dict:
     test, val = load_split(f"{embeddings_dir}/test.npz"), load_split(f"{embeddings_dir}/val.npz")
@@ -50,21 +71,7 @@ def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int]
         "counts": {"test_items": int(test.image.shape[0]), "test_texts": int(test.text.shape[0]),
                    "val_items": int(val.image.shape[0])},
     }
-    max_k = min(50, test.image.shape[0])
-    curves = {f"{d}_{name}": recall_curve(s, p, max_k)
-              for name, (a, b) in (("none", (t2i, i2t)), ("calibrated", (c_t2i, c_i2t)))
-              for d, s, p in (("t2i", a, pos), ("i2t", b, pos.T))}
-    if Path(plots_dir).exists() and not Path(plots_dir).is_dir():
-        raise DataError(plots_dir, "paths.plots is a folder", "it is a file")
-    # both written under temporary names first: a failure leaves the previous metrics and plots
-    with atomic_path(Path(plots_dir)) as tmp:
-        tmp.mkdir()
-        with open(tmp / "recall_at_k.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["k", *curves])
-            for k in range(1, max_k + 1):
-                w.writerow([k, *(f"{c[k - 1]:.4f}" for c in curves.values())])
-        write_json(metrics_path, metrics)
+    write_metrics_and_curves(metrics, {"none": (t2i, i2t), "calibrated": (c_t2i, c_i2t)}, pos, metrics_path, plots_dir)
     chosen = {d: c["method"] for d, c in cal.get("chosen", {}).items()}
     log(f"evaluate: calibration chosen on validation per direction: {chosen}")
     log(f"evaluate: test rsum none={metrics['test']['none']['rsum']:.1f} {method}={metrics['test'][method]['rsum']:.1f}"
