@@ -13,7 +13,8 @@ from PIL import Image
 from cmr.errors import ConfigError
 from cmr.models import HEADS, build_two_tower, list_architectures, load_two_tower, save_two_tower
 from cmr.models.heads import build_head
-from cmr.models.offline_weights import lite0_imagenet_classifier, lite0_weights_file, minilm_dir
+from cmr.models.offline_weights import (lite0_imagenet_classifier, lite0_weights_file, lite_imagenet_classifier,
+                                        lite_weights_file, minilm_dir)
 
 PHOTOS = Path("/work/shared/datasets/gcompris/images/explore_farm_animals")
 CAT = PHOTOS / "cat_photo.jpg"
@@ -61,6 +62,35 @@ def test_image_tower_equals_package_reference_model(lite0):
     photos = torch.stack([lite0.preprocess_val(Image.open(p).convert("RGB")) for p in sorted(PHOTOS.glob("*_photo.jpg"))])
     with torch.no_grad():
         torch.testing.assert_close(lite0_imagenet_classifier()(photos), reference(photos), atol=1e-4, rtol=1e-4)
+
+
+# ImageNet-1k classes a farm photo may rightly get: 7 cock, 8 hen; 345 ox, 346 water buffalo, 347 bison;
+# 348 ram, 349 bighorn
+FARM_CLASSES = {"cat_photo.jpg": CAT_CLASSES, "chicken_photo.jpg": {7, 8}, "cow_photo.jpg": {345, 346, 347},
+                "sheep_photo.jpg": {348, 349}}
+
+
+@pytest.mark.parametrize("variant", ["lite1", "lite2"])
+def test_stronger_lite_towers_know_farm_photos(variant):
+    """Lite1/Lite2 (240 / 260 px): the loaded classifier names the animals, equals the weights
+    package's own model, and the two-tower image backbone is its pooled feature."""
+    bundle = build_two_tower(f"{variant}-minilm", embed_dim=8)
+    assert bundle.spec.image_size == {"lite1": (240, 240), "lite2": (260, 260)}[variant]
+    photos = torch.stack([bundle.preprocess_val(Image.open(PHOTOS / name).convert("RGB")) for name in FARM_CLASSES])
+    classifier = lite_imagenet_classifier(variant)
+    with torch.no_grad():
+        logits = classifier(photos)
+        pooled = classifier.forward_head(classifier.forward_features(photos), pre_logits=True)
+        backbone = bundle.model.eval().backbone_image(photos)
+    for name, top1 in zip(FARM_CLASSES, logits.argmax(1).tolist()):
+        assert top1 in FARM_CLASSES[name], (variant, name, top1)
+    torch.testing.assert_close(backbone, pooled, atol=1e-4, rtol=1e-4)
+    if importlib.util.find_spec("efficientnet_lite_pytorch") is not None:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        reference = EfficientNet.from_pretrained(f"efficientnet-{variant}", weights_path=str(lite_weights_file(variant)))
+        with torch.no_grad():
+            torch.testing.assert_close(logits, reference.eval()(photos), atol=1e-4, rtol=1e-4)
 
 
 def test_channels_last_gives_identical_image_features(lite0, cat_pixels):

@@ -98,7 +98,14 @@ SOURCES = {
     "gcompris_sounds": (lambda s, t: s / "gcompris", {}),
     # the generic reader on a file with its own field names (Flickr8k: texts list, split 'dev')
     "table": (lambda s, t: s / "flickr8k" / "items.jsonl", {"texts": ["texts"], "split": "split"}),
+    "flickr8k": (lambda s, t: _needs(s / "flickr8k") / "original", {}),
 }
+
+
+def _needs(folder: Path) -> Path:
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found (set CMR_SHARED_DATASETS)")
+    return folder
 
 
 def test_every_reader_has_a_test_source():

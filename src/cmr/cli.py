@@ -5,6 +5,7 @@
     cmr search "a red apple" --k 5
     cmr search --image path.jpg --k 5
     cmr metrics                   # the latest evaluation as a short table
+    cmr evaluate data/models/finetune --reader coco --source /data/coco   # any model, any dataset
     cmr study wikipedia           # a registered study (tables, plot, one MLflow parent run)
     cmr list losses               # registered names (readers, losses, calibrators, indexes, archs, mixers, studies)
     cmr check                     # settings, names, source, output folders: what `make run` checks first
@@ -133,7 +134,8 @@ def metrics_table(metrics: dict, ks=(1, 5, 10), chosen: dict | None = None) -> s
     ``chosen`` (calibration.json's per-direction choice) is printed under the table, so a
     calibrated row that equals the uncalibrated one is explained, not mislabelled.
     """
-    rows = [("validation (selection)", metrics["val"])]
+    # `cmr evaluate` selects nothing, so its metrics have no validation row
+    rows = [("validation (selection)", metrics["val"])] if "val" in metrics else []
     rows += [(f"test, {'uncalibrated' if name == 'none' else name}", m) for name, m in metrics["test"].items()]
     rows.append(("test, random ranking", metrics["random"]))
     # metrics files of other modality pairs name their directions (t2i = query -> gallery)
@@ -168,6 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     sy.add_argument("--quick", action="store_true", help="a small version of the study (smoke run)")
     sy.add_argument("--splits", type=int, metavar="N",
                     help="random splits per dataset, for studies that take it (calibration: default 20, 1 with --quick)")
+    ev = sub.add_parser("evaluate", help="evaluate a trained model on any reader's dataset, without training")
+    ev.add_argument("model", help="a model folder (e.g. data/models/finetune) or models:/<name>@<alias>")
+    ev.add_argument("--reader", required=True, help="a registered reader (`cmr list readers`)")
+    ev.add_argument("--source", required=True, help="the dataset folder or file")
+    ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a reader option (repeatable)")
+    ev.add_argument("--split", choices=("auto", "test", "all"), default="auto",
+                    help="auto (default): the test split, or every item when the source has none")
+    ev.add_argument("--out", help="output folder (default: <paths.metrics folder>/evaluate/<source name>)")
+    ev.add_argument("--no-mlflow", action="store_true", help="write the files only, log no MLflow run")
     sub.add_parser("metrics", help="the latest evaluation as a short table")
     ls = sub.add_parser("list", help="registered names")
     ls.add_argument("what", choices=tuple(REGISTRIES))
@@ -214,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             if extra and "splits" not in inspect.signature(study).parameters:
                 raise CmrError(f"study {args.name!r} has no --splits option")
             study(load_params(args.params, parse_overrides(args.set)), quick=args.quick, **extra)
+            return 0
+        if args.cmd == "evaluate":
+            from cmr.stages.evaluate_model import from_params
+
+            p = load_params(args.params, parse_overrides(args.set))
+            metrics = from_params(p, args.model, args.reader, args.source, parse_overrides(args.option), args.split,
+                                  args.out, track=not args.no_mlflow)
+            print(metrics_table(metrics, ks=p.evaluate.ks))
             return 0
         if args.cmd == "metrics":
             from cmr.io import read_json

@@ -111,6 +111,8 @@ def prepare_dataset(
     if dropped is not None:
         info["dropped"] = {"texts": sum(d["dropped"] == "text" for d in dropped),
                            "items": sum(d["dropped"] == "item" for d in dropped)}
+    if result.skipped:  # what the reader left out (captions without an image, ...), counted
+        info["skipped"] = dict(result.skipped)
     return Prepared(items, result.root, features, list(result.label_set), info, result.origins, dropped)
 
 

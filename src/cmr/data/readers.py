@@ -13,10 +13,12 @@ and the rule; an unknown option, or one of the wrong type, raises
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import io
 import json
+import os
 import re
 import types
 import typing
@@ -28,6 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from cmr.data.schema import SPLITS, Item
+from cmr.data.splits import normalise_caption
 from cmr.errors import ConfigError, DataError
 from cmr.registry import Registry, nearest
 
@@ -47,6 +50,9 @@ class ReadResult:
     name: str
     #: item id -> where it was read ("items.jsonl:12"), for errors found after reading
     origins: dict[str, str] | None = None
+    #: what the reader left out and why, e.g. {"captions_without_image": 5}; goes into the
+    #: prepared dataset's info (the ingest report). Empty when everything was read.
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 READERS: Registry[Callable[..., ReadResult]] = Registry("reader")
@@ -393,6 +399,7 @@ def read_coco(source: Path) -> ReadResult:
     if not files:
         raise DataError(str(source / "annotations"), "captions_<split>*.json present", "no caption file found")
     items = []
+    skipped: dict[str, int] = defaultdict(int)
     for path in files:
         name = path.stem.removeprefix("captions_")
         split = _split_from_name(name, str(path))
@@ -411,16 +418,143 @@ def read_coco(source: Path) -> ReadResult:
             image_id = _require(_object(img, where), "id", where, (int, str))
             if image_id not in captions:
                 continue  # an image without captions cannot be a retrieval pair
+            image = image_dir / _require(img, "file_name", where)
+            if not (source / image).is_file():  # a caption file for all of val2017, a folder with part of it
+                skipped["images_missing"] += 1
+                skipped["captions_without_image"] += len(captions[image_id])
+                continue
             items.append(
                 Item(
                     id=f"{name}/{image_id}",
                     split=split,
                     texts=_unique_texts(*(c.strip() for _, c in sorted(captions[image_id]))),
-                    image=(image_dir / _require(img, "file_name", where)).as_posix(),
+                    image=image.as_posix(),
                 )
             )
+    if not items:
+        raise DataError(
+            str(source / "annotations"), "at least one captioned image exists in its image folder",
+            f"none of {skipped['images_missing']} captioned image(s) was found",
+        )
     _check_unique_ids(items, str(source / "annotations"))
-    return ReadResult(items, source, None, [], source.name)
+    return ReadResult(items, source, None, [], source.name, dict(skipped))
+
+
+# ---------------------------------------------------------------- Flickr8k
+
+#: the standard Flickr8k split lists; ``dev`` is the validation split
+FLICKR8K_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+                        "test": "Flickr_8k.testImages.txt"}
+#: where the images are looked for, relative to the token file's folder: the official
+#: archive's (misspelt) folder name first
+FLICKR8K_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "images", "../images")
+#: ``<image file>#<n><TAB><caption>``; some copies have a space instead of the TAB
+_TOKEN_LINE = re.compile(r"(?P<image>\S+)#(?P<n>\d+)\s+(?P<caption>\S.*)")
+#: a caption shared by items of two splits stays in the later one here, so the test
+#: split keeps its 5 captions per image (the published protocol) and nothing leaks
+_SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2}
+
+
+def _flickr8k_standard(source: Path, image_dir: str | None) -> tuple[Path, list[tuple[str, str | None, list[str]]]]:
+    """(image root, [(image file, split or None, captions)]) from ``Flickr8k.token.txt`` and
+    the three split lists in ``source``."""
+    token_path = source / "Flickr8k.token.txt"
+    captions: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for lineno, line in enumerate(io.StringIO(_read_text(token_path), newline=None), 1):
+        if not line.strip():
+            continue
+        m = _TOKEN_LINE.fullmatch(line.strip())
+        if m is None:
+            raise DataError(f"{token_path}:{lineno}", "<image file>#<n><TAB><caption>", f"got {line.strip()[:80]!r}")
+        captions[m["image"]].append((int(m["n"]), m["caption"].strip()))
+    split_of: dict[str, str] = {}
+    for split, name in FLICKR8K_SPLIT_FILES.items():
+        for lineno, line in enumerate(io.StringIO(_read_text(source / name), newline=None), 1):
+            if line.strip() in split_of:
+                raise DataError(f"{source / name}:{lineno}", "each image in one split list",
+                                f"{line.strip()!r} is also in the {split_of[line.strip()]} list")
+            if line.strip():
+                split_of[line.strip()] = split
+    dirs = [image_dir] if image_dir is not None else [d for d in FLICKR8K_IMAGE_DIRS if (source / d).is_dir()]
+    if not dirs or not (source / dirs[0]).is_dir():
+        raise DataError(str(source), "image folder exists",
+                        f"none of {list(FLICKR8K_IMAGE_DIRS) if image_dir is None else [image_dir]} is a folder; "
+                        "set the reader option image_dir")
+    root = Path(os.path.normpath(source / dirs[0]))
+    rows = [(image, split_of.get(image), [c for _, c in sorted(caps, key=lambda nc: nc[0])]) for image, caps in captions.items()]
+    rows += [(image, split, []) for image, split in split_of.items() if image not in captions]
+    return root, rows
+
+
+def _flickr8k_items_jsonl(source: Path) -> list[tuple[str, str | None, list[str]]]:
+    """[(image path, split or None, captions)] from the shared-datasets ``items.jsonl``."""
+    rows = []
+    for lineno, row in _iter_jsonl(source / "items.jsonl"):
+        where = f"{source / 'items.jsonl'}:{lineno}"
+        split = _optional(row, "split", where)
+        if split not in (None, "train", "dev", "test"):
+            raise DataError(where, "split is train, dev, test or null", f"split is {split!r}")
+        rows.append((_require(row, "image", where), "val" if split == "dev" else split, _str_list(row, "texts", where)))
+    return rows
+
+
+@_reader("flickr8k")
+def read_flickr8k(source: Path, image_dir: str | None = None, keep_shared_captions: bool = False) -> ReadResult:
+    """Flickr8k, its own split kept (``dev`` -> val): one item per image, texts = its
+    captions in the order ``#0..#4`` (a caption an image has twice is kept twice, so the
+    test split has the 1,000 x 5,000 captions of the published protocol).
+
+    Two layouts: the standard ``Flickr8k.token.txt`` + ``Flickr_8k.{train,dev,test}Images.txt``
+    in ``source`` with the images in ``image_dir`` (relative to ``source``; default: the first
+    of :data:`FLICKR8K_IMAGE_DIRS` that exists), or the shared-datasets ``items.jsonl``
+    (``id``, ``image``, ``texts``, ``split`` train/dev/test/null). Item id = file name without
+    ``.jpg``.
+
+    Left out and counted in ``ReadResult.skipped``: captions whose image file is missing,
+    images in no split list, listed images without captions, and (unless
+    ``keep_shared_captions``) the copies of a caption that items of two splits share, kept
+    only in the later of test > val > train (84 captions of the real set, e.g. "a black dog
+    runs through the water ."), which the leakage rule would otherwise flag.
+    """
+    if (source / "items.jsonl").is_file():
+        root, rows = source, _flickr8k_items_jsonl(source)
+    else:
+        root, rows = _flickr8k_standard(source, image_dir)
+    skipped: dict[str, int] = defaultdict(int)
+    kept = []
+    for image, split, texts in rows:
+        texts = [t.strip() for t in texts if t.strip()]
+        if not texts:
+            skipped["listed_images_without_captions"] += 1
+        elif not (root / image).is_file():
+            skipped["images_missing"] += 1
+            skipped["captions_without_image"] += len(texts)
+        elif split is None:
+            skipped["images_in_no_split"] += 1
+        else:
+            kept.append((image, split, texts))
+    if not keep_shared_captions:
+        first = {}
+        for _, split, texts in kept:
+            for t in texts:
+                key = normalise_caption(t)
+                first[key] = min(first.get(key, 9), _SPLIT_PRIORITY[split])
+        pruned = []
+        for image, split, texts in kept:
+            left = [t for t in texts if first[normalise_caption(t)] == _SPLIT_PRIORITY[split]]
+            if len(left) < len(texts):
+                skipped[f"{split}_captions_shared_with_a_later_split"] += len(texts) - len(left)
+            if left:
+                pruned.append((image, split, left))
+            else:
+                skipped["images_without_captions_left"] += 1
+        kept = pruned
+    items = [Item(id=Path(image).name.removesuffix(".jpg"), split=split, texts=tuple(texts), image=image)
+             for image, split, texts in sorted(kept)]
+    if not items:
+        raise DataError(str(source), "at least one captioned image in a split list exists", f"skipped {dict(skipped)}")
+    _check_unique_ids(items, str(source))
+    return ReadResult(items, root, None, [], "flickr8k", dict(sorted(skipped.items())))
 
 
 # ---------------------------------------------------------------- Karpathy split JSON

@@ -1,7 +1,8 @@
 """Named two-tower architectures, all built by open_clip.
 
-- ``lite0-minilm``: EfficientNet-Lite0 (timm, ImageNet) + all-MiniLM-L6-v2 (HF, mean pooling);
-  architecture in ``configs/lite0-minilm.json``, weights from installed packages, no network.
+- ``lite0-minilm`` (also ``lite1-`` / ``lite2-minilm``): EfficientNet-Lite0/1/2 (timm, ImageNet) +
+  all-MiniLM-L6-v2 (HF, mean pooling); architectures in ``configs/lite*-minilm.json``, weights
+  from installed packages, no network.
 - ``openclip:<name>`` for every open_clip model config (``ViT-B-32``, ``RN50`` ...); the bare
   name works too. ``pretrained`` is an open_clip tag (needs network), a checkpoint file, or
   ``none`` (random init).
@@ -25,7 +26,7 @@ from transformers import AutoTokenizer
 
 from cmr.errors import ConfigError
 from cmr.models.heads import build_head
-from cmr.models.offline_weights import load_lite0_imagenet, minilm_dir
+from cmr.models.offline_weights import EFFICIENTNET_LITE, load_lite_imagenet, minilm_dir
 from cmr.models.two_tower import TowerBundle, TowerSpec, TwoTower
 from cmr.registry import Registry, nearest
 
@@ -62,7 +63,7 @@ class PadToLongestTokenizer:
                        return_tensors="pt").input_ids
 
 
-# mean/std 0.5 is the TF-Lite convention these weights were trained with; it also
+# mean/std 0.5 is the TF-Lite convention these weights (Lite0/1/2) were trained with; it also
 # transferred better to photos than ImageNet statistics.
 LITE0_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
                     "resize_mode": "shortest"}
@@ -84,27 +85,32 @@ def _quiet_build():
         transformers.utils.logging.enable_progress_bar()
 
 
-@ARCHITECTURES.register("lite0-minilm")
-def lite0_minilm(pretrained: str) -> Backbones:
+def lite_minilm(variant: str, pretrained: str) -> Backbones:
+    """EfficientNet-Lite ``variant`` (ImageNet, timm) + all-MiniLM-L6-v2, from installed packages."""
+    name = f"{variant}-minilm"
     if pretrained not in ("offline", NO_WEIGHTS):
-        raise ConfigError(f"model.pretrained: arch 'lite0-minilm' takes 'offline' or 'none', got {pretrained!r}")
+        raise ConfigError(f"model.pretrained: arch {name!r} takes 'offline' or 'none', got {pretrained!r}")
     folder = str(minilm_dir())
-    cfg = open_clip.get_model_config("lite0-minilm")
+    cfg = open_clip.get_model_config(name)
     # The JSON names the Hub model; point open_clip at the installed copy instead.
     text_cfg = {**cfg["text_cfg"], "hf_model_name": folder, "hf_tokenizer_name": folder,
                 "hf_model_pretrained": pretrained == "offline"}
     # open_clip warns "initialized partially" and transformers prints a load report for the
     # unused BERT pooler; both are expected here (the image weights are loaded just below).
     with _quiet_build():
-        clip = open_clip.create_model("lite0-minilm", pretrained=None, pretrained_image=False, text_cfg=text_cfg,
+        clip = open_clip.create_model(name, pretrained=None, pretrained_image=False, text_cfg=text_cfg,
                                       force_preprocess_cfg=LITE0_PREPROCESS)
     if pretrained == "offline":
-        load_lite0_imagenet(clip.visual.trunk)
+        load_lite_imagenet(clip.visual.trunk, variant)
     tokenizer = PadToLongestTokenizer(folder, text_cfg["context_length"])
     if tokenizer.pad_token_id != clip.text.config.pad_token_id:
         raise ConfigError(f"{folder}: tokenizer pad id {tokenizer.pad_token_id} != model pad id "
                           f"{clip.text.config.pad_token_id}; padded tokens would be pooled")
     return Backbones(clip, tokenizer, normalize_text=True)
+
+
+for _lite in EFFICIENTNET_LITE:  # lite0-minilm, lite1-minilm, lite2-minilm (configs/*.json)
+    ARCHITECTURES.register(f"{_lite}-minilm")(functools.partial(lite_minilm, _lite))
 
 
 def openclip_backbones(name: str, pretrained: str) -> Backbones:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,8 @@ def plot_recall_curves(curves: dict[str, list[float]], path: Path, names: dict |
     plt, fig, axes = _figure(2)
     for ax, d in zip(axes[0], ("t2i", "i2t")):
         for name, style in (("none", "-"), ("calibrated", "--")):
+            if f"{d}_{name}" not in curves:  # a model evaluated without calibration has one curve
+                continue
             c = curves[f"{d}_{name}"]
             ax.plot(range(1, len(c) + 1), c, style, label=name)
         ax.set(title=f"{(names or {}).get(d, d)} (test)", xlabel="K", ylabel="R@K (%)", ylim=(0, 100))
@@ -75,6 +77,32 @@ def plot_calibration(test: dict, method: str, ks: Sequence[int], chosen: dict, p
     plt.close(fig)
 
 
+def write_metrics_and_curves(metrics: dict, scores: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                             positives: torch.Tensor, metrics_path: str, plots_dir: str, names: dict | None = None,
+                             more_plots: Callable[[Path], None] | None = None) -> None:
+    """Write ``metrics`` (JSON) and ``plots_dir``: ``recall_at_k.csv`` (recall@1..min(50, N) in percent
+    per direction for each ``name -> (t2i [T, N], i2t [N, T])`` in ``scores``; ``positives``: [T, N]
+    bool), its picture ``recall_at_k.png`` and whatever ``more_plots(folder)`` draws."""
+    max_k = min(50, positives.shape[1])
+    curves = {f"{d}_{name}": [100.0 * r for r in recall_curve(s, p, max_k)]
+              for name, (a, b) in scores.items()
+              for d, s, p in (("t2i", a, positives), ("i2t", b, positives.T))}
+    if Path(plots_dir).exists() and not Path(plots_dir).is_dir():
+        raise DataError(plots_dir, "paths.plots is a folder", "it is a file")
+    # both written under temporary names first: a failure leaves the previous metrics and plots
+    with atomic_path(Path(plots_dir)) as tmp:
+        tmp.mkdir()
+        with open(tmp / "recall_at_k.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["k", *curves])
+            for k in range(1, max_k + 1):
+                w.writerow([k, *(f"{c[k - 1]:.2f}" for c in curves.values())])
+        plot_recall_curves(curves, tmp / "recall_at_k.png", names)
+        if more_plots is not None:
+            more_plots(tmp)
+        write_json(metrics_path, metrics)
+
+
 def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int], seed: int,
         metrics_path: str, plots_dir: str, gallery: str = "image", query: str = "text") -> dict:
     """Metrics of the embeddings in ``embeddings_dir``; ``t2i`` is query -> gallery whatever the pair
@@ -95,24 +123,11 @@ def run(embeddings_dir: str, calibration_dir: str, level: str, ks: Sequence[int]
                    "val_items": int(val.image.shape[0])},
         "pair": {"gallery": gallery, "query": query, "directions": direction_names(gallery, query)},
     })
-    max_k = min(50, test.image.shape[0])
-    curves = {f"{d}_{name}": [100.0 * r for r in recall_curve(s, p, max_k)]
-              for name, (a, b) in (("none", (t2i, i2t)), ("calibrated", (c_t2i, c_i2t)))
-              for d, s, p in (("t2i", a, pos), ("i2t", b, pos.T))}
-    if Path(plots_dir).exists() and not Path(plots_dir).is_dir():
-        raise DataError(plots_dir, "paths.plots is a folder", "it is a file")
-    # both written under temporary names first: a failure leaves the previous metrics and plots
-    with atomic_path(Path(plots_dir)) as tmp:
-        tmp.mkdir()
-        with open(tmp / "recall_at_k.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["k", *curves])
-            for k in range(1, max_k + 1):
-                w.writerow([k, *(f"{c[k - 1]:.2f}" for c in curves.values())])
-        names = direction_names(gallery, query)
-        plot_recall_curves(curves, tmp / "recall_at_k.png", names)
-        plot_calibration(metrics["test"], method, ks, cal.get("chosen", {}), tmp / "calibration.png", names)
-        write_json(metrics_path, metrics)
+    names = direction_names(gallery, query)
+    write_metrics_and_curves(
+        metrics, {"none": (t2i, i2t), "calibrated": (c_t2i, c_i2t)}, pos, metrics_path, plots_dir, names,
+        lambda folder: plot_calibration(metrics["test"], method, ks, cal.get("chosen", {}), folder / "calibration.png",
+                                        names))
     chosen = {d: c["method"] for d, c in cal.get("chosen", {}).items()}
     log(f"evaluate: calibration chosen on validation per direction: {chosen}")
     log(f"evaluate: test rsum none={metrics['test']['none']['rsum']:.1f} {method}={metrics['test'][method]['rsum']:.1f}"

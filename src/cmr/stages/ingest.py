@@ -19,6 +19,8 @@ def run(reader: str, source: str, options: dict, val_fraction: float, test_fract
             f"{prepared.info['dropped']['texts']} text(s), listed in {out_dir}/dropped.json "
             f"(first: {first['where']}: {first['dropped']} breaks '{first['rule']}')")
     log(f"ingest: {prepared.info.get('counts')} -> {out_dir}")
+    if prepared.info.get("skipped"):
+        log(f"ingest: left out of {source}: {prepared.info['skipped']}")
     return prepared.info
 
 
