@@ -12,8 +12,8 @@ a pre-training recipe followed by the same contrastive retriever fine-tuning, ov
 
 Every epoch (pre-training and fine-tuning) is chosen on the validation split; the test split is only
 reported. Transfer rows: the best mixer's pre-trained encoder fine-tuned for image <-> spoken word
-(``gcompris_spoken_words``, instance level) and class-level audio <-> image (``fsdd_digits``, AV-MNIST
-style), each against random init. ``av_clips_small`` (less its Big Buck Bunny clips, which repeat
+(``gcompris_spoken_words``: a picture's recordings in every language are its matches) and audio <-> image
+digits (``fsdd_digits``, AV-MNIST style), both at class level, each against random init. ``av_clips_small`` (less its Big Buck Bunny clips, which repeat
 ``av_films``) is a zero-shot test of the av_films retrievers.
 """
 from __future__ import annotations
@@ -193,7 +193,9 @@ def run(p: Params, quick: bool = False) -> dict:
 def _transfer(p: Params, quick: bool, best: str, encoders: dict, seeds: list[int], spec, cache, kw) -> list[dict]:
     """The best mixer's av_films encoder (mask 0.75) fine-tuned on image<->audio sets vs random init."""
     shared = _shared()
-    sets = {"gcompris_spoken_words": ("gcompris_spoken_words", "instance"), "fsdd_digits": ("fsdd_digits", "class")}
+    # class level for both: a gcompris picture's recordings in 8 languages are all its matches (the same
+    # picture is several gallery items), and fsdd pairs digits by class only
+    sets = {"gcompris_spoken_words": ("gcompris_spoken_words", "class"), "fsdd_digits": ("fsdd_digits", "class")}
     out = []
     for name, (reader, level) in sets.items():
         data = PairData.load(name, prepare(p, reader, str(shared / name), {}), "image", "audio", level, spec, cache,
