@@ -80,13 +80,7 @@ def fit_mae(prepared: Prepared, out_dir: str, *, arch: str, gallery: str, query:
     settings = {"gallery": gallery, "query": query, "streams": which, "pretrain_on": pretrain_on, "mixer": mixer,
                 "mask_ratio": mask_ratio, "media": spec.to_json()}
     with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        save_cmmixer(model.cpu(), tmp / "model", settings)
-        write_json(tmp / TRAINING_FILE, {"best_epoch": result.best_epoch, "seed": seed, "stage": "mae",
-                                         "data_version": prepared.info["data_version"], **settings})
-        write_json(tmp / "history.json", result.history)
-        write_json(tmp / "metrics.json", {f"val/{k}": v for k, v in result.best.items()} |
-                   {"best_epoch": result.best_epoch})
+        _save(tmp, model, result, "mae", seed, prepared, settings)
         if figure:
             import matplotlib
 
@@ -101,6 +95,16 @@ def fit_mae(prepared: Prepared, out_dir: str, *, arch: str, gallery: str, query:
             fig.savefig(tmp / "reconstruction.png", dpi=110, bbox_inches="tight")
             plt.close(fig)
     return {"best_epoch": result.best_epoch, **result.best}
+
+
+def _save(tmp: Path, model, result, stage: str, seed: int, prepared: Prepared, settings: dict) -> None:
+    """A stage's output folder: ``model/`` (safetensors + spec), training record, history, best metrics."""
+    tmp.mkdir()
+    save_cmmixer(model.cpu(), tmp / "model", settings)
+    write_json(tmp / TRAINING_FILE, {"best_epoch": result.best_epoch, "seed": seed, "stage": stage,
+                                     "data_version": prepared.info["data_version"], **settings})
+    write_json(tmp / "history.json", result.history)
+    write_json(tmp / "metrics.json", {f"val/{k}": v for k, v in result.best.items()} | {"best_epoch": result.best_epoch})
 
 
 def _stream_of(which: dict[str, str], modality: str) -> str:
@@ -144,13 +148,7 @@ def fit_retriever(prepared: Prepared, out_dir: str, init_dir: str, *, arch: str,
                              select_metric=select_metric, ks=ks)
     settings = {"gallery": gallery, "query": query, "media": spec.to_json(), "init": str(init_dir)}
     with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        save_cmmixer(model.cpu(), tmp / "model", settings)
-        write_json(tmp / TRAINING_FILE, {"best_epoch": result.best_epoch, "seed": seed, "stage": "retriever",
-                                         "data_version": prepared.info["data_version"], **settings})
-        write_json(tmp / "history.json", result.history)
-        write_json(tmp / "metrics.json", {f"val/{k}": v for k, v in result.best.items()} |
-                   {"best_epoch": result.best_epoch})
+        _save(tmp, model, result, "retriever", seed, prepared, settings)
     return {"best_epoch": result.best_epoch, **result.best}
 
 
