@@ -221,7 +221,7 @@ def _zero_shot(p, best: str, retrievers: dict, seeds, spec, cache, device) -> li
     trained on av_films, from scratch and from the best mixer."""
     name = "av_clips_small"
     prepared = prepare(p, "av_clips_small", str(_shared() / name), {})
-    items = [it for it in prepared.items if it.video and it.audio and not it.meta["group"].startswith("bbb")]
+    items = [it for it in prepared.items if it.video and it.audio and it.meta["group"] != "big_buck_bunny"]
     a = split_media(prepared, items, "video", spec, cache)
     q = split_media(prepared, items, "audio", spec, cache)
     out = []
@@ -245,7 +245,7 @@ def _report(p, quick, b, main, rows, random_row, transfer, zero_shot, cells, bes
         for c in columns[2:]:
             if c in r:
                 pct = 1 if ("MdR" in c or "rsum" in c) else 100
-                std = f" ± {pct * r[c + ' std']:.1f}" if r.get(c + " std") else ""
+                std = f" ± {pct * r[c + ' std']:.1f}" if r["seeds"] > 1 else ""
                 row[shown(c)] = f"{pct * r[c]:.1f}{std}"
         table.append(row)
     sizes = {s: main.media[s]["video"].shape[0] for s in ("train", "val", "test")}
