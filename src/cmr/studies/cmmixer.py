@@ -259,7 +259,8 @@ def _report(p, quick, b, main, rows, random_row, transfer, zero_shot, cells, bes
     artifacts.append(_plot(out, rows, random_row, names))
     log_study(uri=p.tracking.uri, experiment=p.tracking.experiment, study="cmmixer",
               cells=[{"name": f"{c['recipe']} seed {c['seed']}", "params": {"recipe": c["recipe"], "seed": c["seed"]},
-                      "metrics": {k: v for k, v in c.items() if isinstance(v, float)}} for c in cells],
+                      "metrics": {k: v for k, v in c.items() if isinstance(v, (int, float)) and k != "seed"}}
+                     for c in cells],
               artifacts=artifacts, params={"quick": quick, "budget": b.__dict__, "dataset": main.name, "best": best})
     return {"rows": rows, "random": random_row, "transfer": transfer, "zero_shot": zero_shot, "best": best,
             "wall_seconds": time.perf_counter() - t_start}
