@@ -117,7 +117,7 @@ def main(mode: str, out: Path) -> None:
         torch.save(run_steps(dist, mode), out / f"rank{dist.rank}.pt")
     else:
         def log(msg: str) -> None:
-            if mode == "crash" and dist.rank == 1 and msg.startswith("epoch 1:"):
+            if mode == "crash" and dist.rank == 1 and msg.startswith(("epoch 1:", "epoch 1/")):
                 raise RuntimeError("rank 1 fails on purpose after epoch 1")
 
         result, model = run_train(dist, log)
