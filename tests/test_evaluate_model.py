@@ -11,7 +11,7 @@ import yaml
 from cmr.cli import main
 from cmr.data.readers import READERS
 from cmr.models import save_two_tower
-from cmr.retrieval.evaluation import evaluate_embeddings
+from cmr.retrieval.evaluation import evaluate_embeddings, in_percent
 from cmr.training.features import decode_images
 
 from test_readers import _make_coco
@@ -60,7 +60,7 @@ def test_val_only_coco_folder_is_evaluated_whole_and_matches_a_direct_computatio
         texts = [t for it in items for t in it.texts]
         txt = model.encode_text(lite0.tokenizer(texts))
     owner = torch.tensor([i for i, it in enumerate(items) for _ in it.texts])
-    expected = evaluate_embeddings(img, txt, owner)
+    expected = in_percent(evaluate_embeddings(img, txt, owner))  # the metrics file is in percent
     assert metrics["counts"] == {"test_items": len(items), "test_texts": len(texts)}
     for key in ("t2i/R@1", "i2t/R@5", "t2i/MdR", "rsum"):
         assert metrics["test"]["none"][key] == pytest.approx(expected[key], abs=1e-6)

@@ -437,7 +437,7 @@ def read_coco(source: Path) -> ReadResult:
             f"none of {skipped['images_missing']} captioned image(s) was found",
         )
     _check_unique_ids(items, str(source / "annotations"))
-    return ReadResult(items, source, None, [], source.name, dict(skipped))
+    return ReadResult(items, source, None, [], source.name, skipped=dict(skipped))
 
 
 # ---------------------------------------------------------------- Flickr8k
@@ -554,7 +554,7 @@ def read_flickr8k(source: Path, image_dir: str | None = None, keep_shared_captio
     if not items:
         raise DataError(str(source), "at least one captioned image in a split list exists", f"skipped {dict(skipped)}")
     _check_unique_ids(items, str(source))
-    return ReadResult(items, root, None, [], "flickr8k", dict(sorted(skipped.items())))
+    return ReadResult(items, root, None, [], "flickr8k", skipped=dict(sorted(skipped.items())))
 
 
 # ---------------------------------------------------------------- Karpathy split JSON
