@@ -54,7 +54,7 @@ def test_av_profile_parses():
 
 
 @pytest.mark.slow
-def test_video_audio_pipeline_end_to_end(tmp_path):
+def test_video_audio_pipeline_end_to_end(tmp_path, monkeypatch):
     """``cmr pipeline`` on the embedded video<->audio sample, 1 epoch each: every stage's output, the
     directions named a2v/v2a, one query per gallery clip, the reconstruction figure, a registered model."""
     params = yaml.safe_load((REPO / "params" / "av.yaml").read_text())
@@ -74,6 +74,12 @@ def test_video_audio_pipeline_end_to_end(tmp_path):
     assert test["image"].shape == test["text"].shape and (test["text_item"] == np.arange(len(test["ids"]))).all()
     assert (tmp_path / "data/av/models/pretrain/reconstruction.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "data/av/reports/register.json").read_text())["run_id"]
+    # a champion is re-scored on validation by the architecture's own code: it must give the stage's number
+    monkeypatch.chdir(tmp_path)
+    p = load_params(tmp_path / "params.yaml")
+    rescored = method_for(p.model.arch).validate(p, "data/av/models/finetune/model", "cpu")
+    assert rescored["rsum"] == pytest.approx(json.loads((tmp_path / "data/av/models/finetune/metrics.json")
+                                                        .read_text())["val/rsum"], abs=1e-6)
     import mlflow
     import pandas as pd
 

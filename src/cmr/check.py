@@ -41,18 +41,14 @@ def _reader_options(p: Params) -> None:
 
 
 def _arch(p: Params) -> None:
-    """A registered architecture that suits the modality pair (and, for cmmixer, a registered mixer)."""
+    """A registered architecture that takes the modality pair (and, for cmmixer, a registered mixer)."""
     from cmr.models.cmmixer import CMMIXER_ARCHS, MIXERS
+    from cmr.stages._methods import require_pair
 
+    require_pair(p)
     if p.model.arch in CMMIXER_ARCHS:
-        from cmr.training.av_fit import streams
-
-        streams(p.data.gallery, p.data.query)
         MIXERS.get(p.cmmixer.mixer)
         return
-    if (p.data.gallery, p.data.query) != ("image", "text"):
-        raise ConfigError(f"{p.model.arch!r} is an image-text two-tower model; data.gallery {p.data.gallery!r} / "
-                          f"data.query {p.data.query!r} need a cmmixer arch (`cmr list archs`)")
     from cmr.models import resolve_arch
 
     resolve_arch(p.model.arch)

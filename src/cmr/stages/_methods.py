@@ -45,8 +45,16 @@ def media_spec(p: Params):
                      n_mels=m.n_mels)
 
 
-def _two_tower_pair(p: Params) -> None:
-    if (p.data.gallery, p.data.query) != ("image", "text"):
+def require_pair(p: Params) -> None:
+    """ConfigError unless ``model.arch`` takes the pair ``data.gallery`` / ``data.query``: two-tower
+    archs image <-> text, cmmixer archs frames (video or image) <-> audio."""
+    from cmr.models.cmmixer import CMMIXER_ARCHS
+
+    if p.model.arch in CMMIXER_ARCHS:
+        from cmr.training.av_fit import streams
+
+        streams(p.data.gallery, p.data.query)
+    elif (p.data.gallery, p.data.query) != ("image", "text"):
         raise ConfigError(f"model.arch {p.model.arch!r} is a two-tower image-text model; data.gallery "
                           f"{p.data.gallery!r} / data.query {p.data.query!r} need a cmmixer arch "
                           "(`cmr list archs`, e.g. cmmixer-tiny)")
@@ -56,7 +64,7 @@ def _two_tower(section: str, init: Callable[[Params], str | None], out: Callable
     def run(p: Params) -> dict:
         from cmr.stages.pretrain import train_two_tower
 
-        _two_tower_pair(p)
+        require_pair(p)
         return train_two_tower(p, init(p), section, out(p))
 
     return run
@@ -65,7 +73,7 @@ def _two_tower(section: str, init: Callable[[Params], str | None], out: Callable
 def _two_tower_encode(p: Params) -> dict:
     from cmr.stages.encode import run
 
-    _two_tower_pair(p)
+    require_pair(p)
     return run(p.paths.prepared, p.paths.finetuned, p.paths.embeddings, resolve_device(p.device), p.paths.cache,
                p.num_workers)
 
@@ -158,16 +166,15 @@ def _cmmixer_validate(p: Params, model_dir: str, device: str) -> dict:
     from cmr.data.prepare import load_prepared
     from cmr.models.cmmixer import load_cmmixer
     from cmr.retrieval.evaluation import evaluate_embeddings
-    from cmr.training.av_fit import _labels, encode_split, pair_items
+    from cmr.training.av_fit import encode_split, level_labels, pair_items, truth
 
     model, _ = load_cmmixer(model_dir, device=device)
     prepared = load_prepared(p.paths.prepared)
     items = pair_items(prepared, "val", p.data.gallery, p.data.query)
     a, b = encode_split(model, prepared, items, p.data.gallery, p.data.query, media_spec(p), device, p.paths.cache)
-    labels = _labels(prepared, items, p.evaluate.level)
     return evaluate_embeddings(a, b, torch.arange(len(items)), p.evaluate.level,
-                               labels=labels if p.evaluate.level == "class" else None,
-                               identity=labels if p.evaluate.level == "identity" else None, ks=p.evaluate.ks)
+                               **truth(p.evaluate.level, level_labels(prepared, items, p.evaluate.level)),
+                               ks=p.evaluate.ks)
 
 
 METHODS.register("cmmixer")(Method(pretrain=_cmmixer_pretrain, finetune=_cmmixer_finetune, encode=_cmmixer_encode,

@@ -36,7 +36,7 @@ from cmr.stages._methods import media_spec
 from cmr.stages.evaluate import random_baseline
 from cmr.studies import STUDIES, output_dir
 from cmr.studies._common import prepare, save_figure, write_table
-from cmr.training.av_fit import _labels, pair_items, split_media, streams
+from cmr.training.av_fit import level_labels, pair_items, split_media, streams, truth
 from cmr.tracking.study import log_study
 
 MIXER_ROWS = ("none", "cutmix", "mixup", "token")
@@ -83,19 +83,15 @@ class PairData:
             keep = torch.randperm(len(items["train"]), generator=torch.Generator().manual_seed(seed))[:max_train]
             items["train"] = [items["train"][i] for i in sorted(keep.tolist())]
         media = {s: {m: split_media(prepared, items[s], m, spec, cache_dir) for m in (gallery, query)} for s in splits}
-        return cls(name, gallery, query, level, media, {s: _labels(prepared, items[s], level) for s in splits})
+        return cls(name, gallery, query, level, media, {s: level_labels(prepared, items[s], level) for s in splits})
 
     def scores(self, model, split: str, device: str) -> dict:
         a, b = encode(model, self.media[split][self.gallery], self.media[split][self.query], device=device)
-        labels = self.labels[split]
-        return evaluate_embeddings(a, b, torch.arange(b.shape[0]), self.level,
-                                   labels=labels if self.level == "class" else None,
-                                   identity=labels if self.level == "identity" else None)
+        return evaluate_embeddings(a, b, torch.arange(b.shape[0]), self.level, **truth(self.level, self.labels[split]))
 
     def random(self, split: str, seed: int) -> dict:
-        n, labels = self.media[split][self.gallery].shape[0], self.labels[split]
-        pos = positives_t2i(torch.arange(n), n, self.level, labels if self.level == "class" else None,
-                            labels if self.level == "identity" else None)
+        n = self.media[split][self.gallery].shape[0]
+        pos = positives_t2i(torch.arange(n), n, self.level, **truth(self.level, self.labels[split]))
         return random_baseline(pos, (1, 5, 10), seed)
 
 

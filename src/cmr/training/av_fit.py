@@ -97,6 +97,11 @@ def fit_mae(prepared: Prepared, out_dir: str, *, arch: str, gallery: str, query:
     return {"best_epoch": result.best_epoch, **result.best}
 
 
+def truth(level: str, labels: torch.Tensor | None) -> dict:
+    """``labels``/``identity`` keyword arguments of the metric functions for :func:`level_labels`' output."""
+    return {"labels": labels if level == "class" else None, "identity": labels if level == "identity" else None}
+
+
 def _save(tmp: Path, model, result, stage: str, seed: int, prepared: Prepared, settings: dict) -> None:
     """A stage's output folder: ``model/`` (safetensors + spec), training record, history, best metrics."""
     tmp.mkdir()
@@ -111,7 +116,8 @@ def _stream_of(which: dict[str, str], modality: str) -> str:
     return next(s for s, m in which.items() if m == modality)
 
 
-def _labels(prepared: Prepared, items: Sequence[Item], level: str) -> torch.Tensor | None:
+def level_labels(prepared: Prepared, items: Sequence[Item], level: str) -> torch.Tensor | None:
+    """What ground truth ``level`` compares: multi-hot labels (class), identity ids (identity), or None."""
     if level == "class":
         labels = label_matrix(items, prepared.label_set)
         if labels is None:
@@ -138,7 +144,7 @@ def fit_retriever(prepared: Prepared, out_dir: str, init_dir: str, *, arch: str,
     items = {s: pair_items(prepared, s, gallery, query) for s in ("train", "val")}
     side = {s: {m: split_media(prepared, items[s], m, spec, cache_dir, workers) for m in (gallery, query)}
             for s in ("train", "val")}
-    labels = {s: _labels(prepared, items[s], level) for s in ("train", "val")}
+    labels = {s: level_labels(prepared, items[s], level) for s in ("train", "val")}
     torch.manual_seed(seed)
     model, result = finetune(mae.encoder.state_dict(), side["train"][gallery], side["train"][query],
                              side["val"][gallery], side["val"][query], arch=arch, retriever=retriever,
