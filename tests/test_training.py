@@ -2,6 +2,8 @@
 updates exactly the unlocked tower."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -150,3 +152,55 @@ def test_optimizer_gives_unlocked_towers_their_own_learning_rate():
     same = _optimizer(model, loss, lr=1e-3, weight_decay=0.1)
     assert {g["lr"] for g in same.param_groups} == {1e-3}
     assert sum(len(g["params"]) for g in same.param_groups) == len(trainable)
+
+
+def test_unfreeze_top_trains_only_the_top_text_layer_on_cached_image_features(small, tmp_path):
+    """fit(unfreeze={'text': 1}): the last MiniLM layer (and nothing below it, nor the image tower)
+    moves; the image side comes from the cache, so no image is decoded during training."""
+    from cmr.models import load_two_tower
+    from cmr.training import engine
+    from cmr.training.fit import fit
+
+    prepared, keep, _, _ = small
+    sub = type(prepared)(**{**prepared.__dict__, "items": keep})
+    start = build_two_tower("lite0-minilm", embed_dim=32).model
+    decoded = []
+    real_batches = engine.image_batches
+    engine.image_batches = lambda *a, **k: decoded.append(1) or real_batches(*a, **k)
+    try:
+        fit(sub, str(tmp_path / "out"), arch="lite0-minilm", pretrained="offline", embed_dim=32, head="linear",
+            init_dir=None, lock_image=True, lock_text=True, losses={"infonce": 1.0}, loss_options={}, epochs=1,
+            batch_size=16, lr=1e-2, backbone_lr=1e-2, weight_decay=0.0, select_metric="val/rsum", seed=0,
+            device="cpu", amp=False, level="instance", ks=(1, 5, 10), cache_dir=str(tmp_path / "cache"),
+            log=lambda m: None, unfreeze={"text": 1})
+    finally:
+        engine.image_batches = real_batches
+    assert decoded == []
+    info = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert info["backbone_tuned"] is True  # encode must not reuse the frozen towers' cached features
+    tuned = load_two_tower(tmp_path / "out" / "model").model
+    layers = lambda m: m.clip.text.transformer.encoder.layer
+    top_moved = not all(torch.equal(a, b) for a, b in zip(layers(start)[-1].parameters(), layers(tuned)[-1].parameters()))
+    assert top_moved == (info["best_epoch"] == 1)  # epoch 0 (the start) may win validation
+    for lower_a, lower_b in zip(layers(start)[:-1], layers(tuned)[:-1]):
+        assert all(torch.equal(a, b) for a, b in zip(lower_a.parameters(), lower_b.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(start.image_tower_parameters(), tuned.image_tower_parameters()))
+
+
+def test_unfreeze_asks_for_blocks_the_tower_has():
+    from cmr.errors import ConfigError
+
+    model = build_two_tower("lite0-minilm", embed_dim=8).model
+    model.lock_image_tower()
+    model.lock_text_tower()
+    with pytest.raises(ConfigError, match=r"unfreeze.text: 7 top blocks asked, the text tower of this arch has 6"):
+        model.unfreeze_top("text", 7)
+    assert model.tower_frozen("image") and model.tower_frozen("text")
+    model.unfreeze_top("image", 2)  # the last two MBConv blocks + conv_head/bn2
+    trunk = model.clip.visual.trunk
+    assert all(p.requires_grad for p in trunk.conv_head.parameters())
+    assert all(p.requires_grad for p in trunk.blocks[-1].parameters())  # Lite0's last stage is one block
+    assert all(p.requires_grad for p in trunk.blocks[-2][-1].parameters())
+    assert not any(p.requires_grad for p in trunk.blocks[-2][-2].parameters())
+    assert not any(p.requires_grad for p in trunk.conv_stem.parameters())
+    assert not model.tower_frozen("image") and model.tower_frozen("text")

@@ -99,6 +99,10 @@ class TrainCfg(Section):
     #: unlocked towers: keep BatchNorm running statistics fixed (scale/shift still train)
     freeze_bn_stats: bool = True
     weight_decay: float = Field(0.05, ge=0)
+    #: top blocks of a locked tower that this stage trains (at ``backbone_lr``), e.g. {text: 2}: the
+    #: text tower's last 2 transformer layers; the frozen tower's features stay cached (2 CPU cores
+    #: can tune the top of a tower, not all of it). ``model.lock_<tower>: false`` trains the whole tower.
+    unfreeze: dict[Literal["image", "text"], Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     #: validation metric that picks the best epoch (never the test split)
     select_metric: str = "val/rsum"
 

@@ -165,6 +165,26 @@ class TwoTower(nn.Module):
         self.text_locked = True
         self.train(self.training)
 
+    def unfreeze_top(self, tower: str, n: int) -> None:
+        """Let the top ``n`` blocks of a locked ``tower`` ('image' or 'text') train again, with
+        everything above them (final conv/norm, pooler, projection); the rest stays frozen.
+
+        The tower stays in eval mode (dropout off, BatchNorm statistics fixed), so its frozen
+        lower part still gives the cached features; the trainer then feeds the bottom of the
+        tower from the images or tokens and only the top blocks receive gradients.
+        """
+        blocks, above = _tower_blocks(self.clip, tower)
+        if not 1 <= n <= len(blocks):
+            raise ConfigError(f"unfreeze.{tower}: {n} top blocks asked, the {tower} tower of this arch has "
+                              f"{len(blocks)} (give 1..{len(blocks)}, or lock_{tower}: false for the whole tower)")
+        for p in [*_params(*blocks[len(blocks) - n:]), *above]:
+            p.requires_grad_(True)
+
+    def tower_frozen(self, tower: str) -> bool:
+        """No parameter of ``tower`` ('image' or 'text') trains: its backbone features can be cached."""
+        params = self.image_tower_parameters() if tower == "image" else self.text_tower_parameters()
+        return not any(p.requires_grad for p in params)
+
     def freeze_norm_stats(self, frozen: bool = True) -> None:
         """Keep every BatchNorm's running statistics fixed (eval mode) while the rest trains.
 
@@ -191,3 +211,39 @@ class TwoTower(nn.Module):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self
+
+
+def _params(*parts) -> list[nn.Parameter]:
+    """Parameters of modules and bare parameters (None: absent) in order."""
+    out = []
+    for part in parts:
+        if isinstance(part, nn.Parameter):
+            out.append(part)
+        elif isinstance(part, nn.Module):
+            out.extend(part.parameters())
+    return out
+
+
+def _tower_blocks(clip: nn.Module, tower: str) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """(blocks bottom to top, parameters above the last block) of one tower of an open_clip model:
+    timm CNN trunks (EfficientNet: every inverted-residual block), open_clip ViTs and text
+    transformers, Hugging Face encoders. Unknown layouts are refused, not guessed."""
+    if tower == "image":
+        visual = clip.visual
+        trunk = getattr(visual, "trunk", None)
+        if trunk is not None and hasattr(trunk, "blocks") and hasattr(trunk, "conv_head"):
+            blocks = [b for stage in trunk.blocks for b in (stage if isinstance(stage, nn.Sequential) else [stage])]
+            return blocks, _params(trunk.conv_head, trunk.bn2, visual.head)
+        if hasattr(visual, "transformer"):
+            return list(visual.transformer.resblocks), _params(visual.ln_post, getattr(visual, "proj", None))
+    elif tower == "text":
+        text = getattr(clip, "text", None)
+        if text is not None and hasattr(text, "transformer") and hasattr(text.transformer, "encoder"):
+            return list(text.transformer.encoder.layer), _params(text.pooler, text.proj)
+        if hasattr(clip, "transformer"):
+            return list(clip.transformer.resblocks), _params(clip.ln_final, getattr(clip, "text_projection", None))
+    else:
+        raise ConfigError(f"unfreeze: unknown tower {tower!r}; use 'image' or 'text'")
+    raise ConfigError(f"unfreeze.{tower}: this arch's {tower} tower has no known block layout; "
+                      f"use lock_{tower}: false to train the whole tower")
+

@@ -25,6 +25,7 @@ def train_two_tower(p: Params, init_dir: str | None, section: str, out_dir: str)
         embed_dim=p.model.embed_dim, head=p.model.head, init_dir=init_dir, lock_image=p.model.lock_image,
         lock_text=p.model.lock_text, losses=cfg.losses, loss_options=cfg.loss_options, epochs=cfg.epochs,
         batch_size=cfg.batch_size, lr=cfg.lr, backbone_lr=cfg.backbone_lr, freeze_bn_stats=cfg.freeze_bn_stats,
+        unfreeze=dict(cfg.unfreeze),
         weight_decay=cfg.weight_decay, select_metric=cfg.select_metric, seed=p.seed,
         device=device if dist is None else dist.device, amp=p.amp, level=p.evaluate.level, ks=p.evaluate.ks,
         cache_dir=p.paths.cache, log=lambda m: log(f"{section}: {m}"), workers=p.num_workers, dist=dist,

@@ -106,7 +106,10 @@ SPECS = {"none": Spec("none", None), "dsl": Spec("dsl", "temperature"),
 
 
 def datasets(p: Params, quick: bool = False) -> dict[str, tuple[str, str]]:
-    """name -> (reader, source): openclipart (the embedded subset for --quick) and GCompris, from ../shared."""
+    """name -> (reader, source): openclipart (the embedded subset for --quick) and GCompris, from ../shared;
+    settings for another reader (``--params params/flickr8k.yaml``) run the study on that dataset alone."""
+    if p.data.reader != "openclipart":
+        return {p.data.reader: (p.data.reader, p.data.source)}
     shared = Path(os.environ.get("CMR_SHARED_DATASETS", "../shared/datasets"))
     first = ({Path(p.data.source).name: (p.data.reader, p.data.source)} if quick
              else {"openclipart": ("openclipart", str(shared / "openclipart"))})
@@ -203,6 +206,9 @@ def run_dataset(p: Params, name: str, reader: str, source: str, seeds, epochs: i
         split_seed = d.split_seed + offset
         prepared = base if offset == 0 else prepare_dataset(reader, source, options, d.val_fraction,
                                                             d.test_fraction, split_seed)
+        if offset and [it.split for it in prepared.items] == [it.split for it in base.items]:
+            log(f"study calibration: {name} brings its own train/val/test split; one split, not {len(split_seeds)}")
+            break
         features = resplit(pool, row_of, prepared)
         for loss_name in progress(LOSSES, len(LOSSES), f"{name} split {split_seed}", unit="loss"):
             for seed in seeds:

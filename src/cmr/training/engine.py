@@ -232,13 +232,16 @@ def train_towers(model, loss_fn, tokenizer, preprocess_train, encode_val: Callab
                  backbone_lr: float | None = None, freeze_bn_stats: bool = True, workers: int = 0,
                  level: str = "instance",
                  ks: Sequence[int] = (1, 5, 10), log: Callable[[str], None] = print,
-                 dist: Distributed | None = None, resume: Resume | None = None) -> TrainResult:
-    """Fine-tune with at least one tower unlocked; images decoded and augmented each step
-    (``workers`` > 0: that many processes decode ahead, see :func:`cmr.training.features.image_batches`;
-    ``dist``: data-parallel).
+                 dist: Distributed | None = None, resume: Resume | None = None,
+                 frozen: set[str] | frozenset = frozenset()) -> TrainResult:
+    """Fine-tune with at least one tower (or its top blocks) training; images decoded and augmented
+    each step (``workers`` > 0: that many processes decode ahead, see
+    :func:`cmr.training.features.image_batches`; ``dist``: data-parallel).
 
-    ``train_fs`` supplies text_item/labels/identity of the train split (its feature tensors
-    are unused: :func:`cmr.training.fit.split_pairs`); ``encode_val`` returns validation *head* embeddings as a FeatureSet.
+    ``train_fs`` supplies text_item/labels/identity of the train split, and the cached backbone
+    features of each tower named in ``frozen`` (nothing of it trains: its rows feed the head, no
+    image is decoded or caption tokenised for it; other feature tensors are unused, see
+    :func:`cmr.training.fit.split_pairs`); ``encode_val`` returns validation *head* embeddings as a FeatureSet.
     """
     gen = seed_everything(seed)
     model.to(device)
@@ -250,18 +253,24 @@ def train_towers(model, loss_fn, tokenizer, preprocess_train, encode_val: Callab
     sched = _cosine(opt, steps, warmup=max(1, steps // 20))
     use_amp = amp and device.startswith("cuda")
 
-    def embed(batches):
+    def image_inputs(batches):
+        if "image" in frozen:
+            return (train_fs.image[train_fs.text_item[rows]] for rows in batches)
         rels = [[train_items[i].image for i in train_fs.text_item[rows].tolist()] for rows in batches]
         # the workers' augmentation seed, new each epoch (drawn only with workers: 0 keeps the old stream)
         seed = int(torch.randint(2**31 - 1, (1,), generator=gen)) if workers else 0
         seed += 0 if dist is None else dist.rank  # each rank augments its own images with its own draws
-        pixel_batches = image_batches(root, rels, preprocess_train, workers, seed, pin_memory=device.startswith("cuda"))
-        for rows, pixels in zip(batches, pixel_batches):
-            pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            tokens = _tokens_to(tokenizer([texts[r] for r in rows.tolist()]), device)
+        return image_batches(root, rels, preprocess_train, workers, seed, pin_memory=device.startswith("cuda"))
+
+    def embed(batches):
+        for rows, pixels in zip(batches, image_inputs(batches)):
+            pixels = pixels.to(device, non_blocking=True)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                out = model.encode_image(pixels), model.encode_text(tokens)
-            yield out  # outside autocast: the loss runs in float32
+                img = (model.head_image(pixels) if "image" in frozen
+                       else model.encode_image(pixels.contiguous(memory_format=torch.channels_last)))
+                txt = (model.head_text(train_fs.text[rows].to(device)) if "text" in frozen else
+                       model.encode_text(_tokens_to(tokenizer([texts[r] for r in rows.tolist()]), device)))
+            yield img, txt  # outside autocast: the loss runs in float32
 
     run_epoch = _epoch_runner(model, loss_fn, opt, sched, train_fs, batch_size, gen, device, embed, dist)
 

@@ -129,9 +129,10 @@ def encode_batched(fn: Callable, batches: Iterable, total: int | None = None, de
 @torch.no_grad()  # features only: with an unlocked tower a graph would be kept for the whole split
 def compute_backbone_features(
     model, tokenizer, preprocess, items: Sequence[Item], root: Path, features: dict | None,
-    device: str, batch_size: int = 32, workers: int = 0,
+    device: str, batch_size: int = 32, workers: int = 0, towers: tuple[str, ...] = ("image", "text"),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(image [N, F_i], text [T, F_t], text_item [T]) backbone outputs in eval mode.
+    """(image [N, F_i], text [T, F_t], text_item [T]) backbone outputs in eval mode; a tower not in
+    ``towers`` is skipped (its tensor is empty, [0]).
 
     Precomputed-feature datasets (``features.npz``) bypass the towers: their rows are
     the backbone features.
@@ -149,12 +150,16 @@ def compute_backbone_features(
     rels = [it.image for it in items]
     rel_batches = [rels[i : i + batch_size] for i in range(0, len(rels), batch_size)]
     pixel_batches = image_batches(root, rel_batches, preprocess, workers, pin_memory=str(device).startswith("cuda"))
-    img = encode_batched(lambda px: model.backbone_image(to_device(px).contiguous(memory_format=torch.channels_last)),
-                         pixel_batches, len(rel_batches), f"images ({len(rels)})")
+    img = txt = torch.empty(0)
+    if "image" in towers:
+        img = encode_batched(
+            lambda px: model.backbone_image(to_device(px).contiguous(memory_format=torch.channels_last)),
+            pixel_batches, len(rel_batches), f"images ({len(rels)})")
     tb = 2 * batch_size
-    txt = encode_batched(lambda batch: model.backbone_text(_tokens_to(tokenizer(list(batch)), device)),
-                         (texts[i : i + tb] for i in range(0, len(texts), tb)), -(-len(texts) // tb),
-                         f"texts ({len(texts)})")
+    if "text" in towers:
+        txt = encode_batched(lambda batch: model.backbone_text(_tokens_to(tokenizer(list(batch)), device)),
+                             (texts[i : i + tb] for i in range(0, len(texts), tb)), -(-len(texts) // tb),
+                             f"texts ({len(texts)})")
     return img, txt, text_item
 
 

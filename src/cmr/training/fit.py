@@ -56,6 +56,21 @@ def split_features(bundle, prepared: Prepared, split: str, bid: str, device: str
     return FeatureSet(img, txt, owner, label_matrix(items, prepared.label_set), identity_vector(items))
 
 
+def live_features(bundle, prepared: Prepared, split: str, device: str, frozen: set[str],
+                  cached: FeatureSet | None, workers: int = 0) -> FeatureSet:
+    """Backbone features of one split from the model as it is now; a ``frozen`` tower's come from
+    ``cached`` (its features cannot have changed), so an epoch re-encodes only what trains."""
+    items = by_split(prepared.items, split)
+    img, txt, owner = compute_backbone_features(
+        bundle.model, bundle.tokenizer, bundle.preprocess_val, items, prepared.root, prepared.features, device,
+        workers=workers, towers=tuple(t for t in ("image", "text") if t not in frozen))
+    if "image" in frozen:
+        img = cached.image
+    if "text" in frozen:
+        txt = cached.text
+    return FeatureSet(img, txt, owner, label_matrix(items, prepared.label_set), identity_vector(items))
+
+
 def split_pairs(prepared: Prepared, split: str) -> FeatureSet:
     """Who-belongs-to-what of one split (text_item, labels, identity) without backbone features:
     what tower training needs, since it encodes every batch afresh (features are [N, 0] / [T, 0])."""
@@ -79,7 +94,8 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
         lr: float, weight_decay: float, select_metric: str, seed: int, device: str, amp: bool, level: str,
         ks: Sequence[int], cache_dir: str | None, log: Callable[[str], None],
         backbone_lr: float | None = None, freeze_bn_stats: bool = True, workers: int = 0,
-        dist: Distributed | None = None, resume_dir: str | None = None) -> TrainResult:
+        dist: Distributed | None = None, resume_dir: str | None = None,
+        unfreeze: dict[str, int] | None = None) -> TrainResult:
     """Train from ``init_dir`` (or the pretrained towers) and save to ``out_dir``.
 
     ``dist`` (:func:`cmr.training.distributed.init_from_env`): one of several data-parallel
@@ -87,7 +103,8 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
     once every rank has finished. With ``resume_dir`` (one process only), each epoch is
     checkpointed there and a rerun with the same settings, data and starting model continues
     after the last finished epoch (:mod:`cmr.training.resume`); the checkpoint is removed once
-    ``out_dir`` is written.
+    ``out_dir`` is written. ``unfreeze`` ({'image'|'text': n}): the top n blocks of a locked tower
+    train too (:meth:`TwoTower.unfreeze_top`); a tower with nothing to train keeps its cached features.
     """
     check_writable(out_dir)  # before hours of training, not after
     settings = {k: v for k, v in locals().items() if k not in ("prepared", "log", "cache_dir", "resume_dir", "dist")}
@@ -110,6 +127,11 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
         model.lock_image_tower()
     if lock_text:
         model.lock_text_tower()
+    for tower, n in (unfreeze or {}).items():
+        if not (lock_image if tower == "image" else lock_text):
+            raise ConfigError(f"unfreeze.{tower}: model.lock_{tower} is false, so the whole {tower} tower "
+                              "trains already; drop the unfreeze entry or lock the tower")
+        model.unfreeze_top(tower, n)
     loss_fn = build_loss(losses, loss_options, model.embed_dim, num_classes_for(prepared, losses))
     resume = None
     if resume_dir is not None and dist is None:  # ranks would race on one checkpoint: no resume under torchrun
@@ -120,26 +142,30 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
     common = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                   select_metric=select_metric, seed=seed, device=device, level=level, ks=ks,
                   log=log if is_main(dist) else (lambda m: None), dist=dist, resume=resume)
-    if lock_image and lock_text:
+    frozen = {t for t in ("image", "text") if model.tower_frozen(t)}
+    cached = None
+    if frozen:
         with local_main_first(dist):  # one process per machine fills the feature cache
-            features = {s: split_features(bundle, prepared, s, bid, device, cache_dir, workers)
-                        for s in ("train", "val")}
-        result = train_heads(model, loss_fn, features["train"], features["val"], **common)
+            cached = {s: split_features(bundle, prepared, s, bid, device, cache_dir, workers)
+                      for s in ("train", "val")}
+    if frozen == {"image", "text"}:
+        result = train_heads(model, loss_fn, cached["train"], cached["val"], **common)
     else:
         def encode_val() -> FeatureSet:
-            fresh = split_features(bundle, prepared, "val", f"live:{id(model)}", device, None, workers)
+            fresh = live_features(bundle, prepared, "val", device, frozen, cached and cached["val"], workers)
             model.eval()
             with torch.no_grad():
                 return FeatureSet(model.head_image(fresh.image.to(device)).cpu(),
                                   model.head_text(fresh.text.to(device)).cpu(),
                                   fresh.text_item, fresh.labels, fresh.identity)
 
+        train_fs = cached["train"] if cached else split_pairs(prepared, "train")
         result = train_towers(model, loss_fn, bundle.tokenizer, bundle.preprocess_train, encode_val,
-                              by_split(prepared.items, "train"), prepared.root, split_pairs(prepared, "train"),
+                              by_split(prepared.items, "train"), prepared.root, train_fs, frozen=frozen,
                               amp=amp,
                               backbone_lr=backbone_lr, freeze_bn_stats=freeze_bn_stats, workers=workers,
                               **common)
-    tuned = (not lock_image or not lock_text) or bid.startswith("tuned:")
+    tuned = frozen != {"image", "text"} or bid.startswith("tuned:")
 
     def save(tmp: Path) -> None:
         tmp.mkdir()
