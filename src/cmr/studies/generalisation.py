@@ -7,8 +7,11 @@ the ``pretrain`` settings (losses, epochs, lr, batch), selecting the epoch on th
 set's validation split; the other datasets are never seen before their test. The first row
 (no training) is the floor the heads start from.
 
-Datasets: ``p.data`` plus the shared ``gcompris`` and ``tuxpaint`` sets (``CMR_SHARED_DATASETS``,
-default ``../shared/datasets``), each split with ``p.data``'s fractions and seed.
+Datasets: ``p.data`` plus, from the shared folder (``CMR_SHARED_DATASETS``, default
+``../shared/datasets``), its counterpart across the photo / clip-art gap (Flickr8k for
+openclipart and back; full study only), ``gcompris`` and ``tuxpaint``; each split with
+``p.data``'s fractions and seed (Flickr8k keeps its own split). Every set but Tux Paint (one text per stamp,
+test only) also trains a row.
 """
 from __future__ import annotations
 
@@ -31,12 +34,19 @@ from cmr.training.fit import backbone_id, split_features
 from cmr.tracking.study import log_study
 
 
-def datasets(p: Params) -> dict[str, tuple[str, str]]:
-    """name -> (reader, source) of every dataset in the study; ``p.data`` first."""
+#: the other side of the photo / clip-art gap: a study on one also trains on, and tests, the other
+COUNTERPART = {"flickr8k": "openclipart", "openclipart": "flickr8k"}
+
+
+def datasets(p: Params, quick: bool = False) -> dict[str, tuple[str, str]]:
+    """name -> (reader, source) of every dataset in the study; ``p.data`` first, then (full study, when
+    the shared folder has it) its counterpart across the photo / clip-art gap, GCompris and Tux Paint."""
     shared = Path(os.environ.get("CMR_SHARED_DATASETS", "../shared/datasets"))
-    own = Path(p.data.source).name
-    return {own: (p.data.reader, p.data.source), "gcompris": ("gcompris", str(shared / "gcompris")),
-            "tuxpaint": ("tuxpaint", str(shared / "tuxpaint"))}
+    sets = {Path(p.data.source).name: (p.data.reader, p.data.source)}
+    other = COUNTERPART.get(p.data.reader)
+    if not quick and other and (shared / other).is_dir():
+        sets[other] = (other, str(shared / other))
+    return sets | {"gcompris": ("gcompris", str(shared / "gcompris")), "tuxpaint": ("tuxpaint", str(shared / "tuxpaint"))}
 
 
 @STUDIES.register("generalisation")
@@ -48,9 +58,9 @@ def run(p: Params, quick: bool = False) -> dict:
     bundle.model.lock_image_tower()
     bundle.model.lock_text_tower()
     bid = backbone_id(None, p.model.arch, p.model.pretrained)
-    sets = datasets(p)
+    sets = datasets(p, quick)
     own = next(iter(sets))
-    train_names = [own] if quick else [own, "gcompris"]
+    train_names = [own] if quick else [n for n in sets if n != "tuxpaint"]
     prepared = {n: prepare(p, reader, source, p.data.options if n == own else {}) for n, (reader, source) in sets.items()}
     feats = lambda n, split: split_features(bundle, prepared[n], split, bid, device, p.paths.cache)  # noqa: E731
     test = {n: feats(n, "test") for n in sets}
