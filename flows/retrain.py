@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline import run_stages, stage_task  # noqa: E402  (sets Prefect/MLflow env defaults)
+from pipeline import one_line_flow_errors, run_stages, stage_task  # noqa: E402  (sets Prefect/MLflow env defaults)
 from prefect import flow, task  # noqa: E402
 
 from cmr.check import check_settings  # noqa: E402
@@ -61,17 +61,19 @@ def main(argv: list[str] | None = None) -> int:
         print("retrain.py: error: --serve needs a running Prefect server: `prefect server start`, then "
               "PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
         return 2
-    try:
+
+    def run() -> None:
         if a.serve:
             # pause_on_shutdown=False: stopping this process must not silently pause the schedule
-            retrain.serve(name=a.name, cron=a.cron, parameters={"params_path": a.params},
-                          pause_on_shutdown=False)
+            retrain.serve(name=a.name, cron=a.cron, parameters={"params_path": a.params}, pause_on_shutdown=False)
         else:
             print(retrain(a.params, a.force))
+
+    try:
+        return one_line_flow_errors("retrain.py", run)
     except KeyboardInterrupt:  # Ctrl-C while starting up: stop, in one line
         print("retrain.py: stopped (Ctrl-C)", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The `cmr` command line: registries, errors that name what is wrong, exit codes."""
+import ast
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -12,6 +15,30 @@ def test_list_shows_every_registry(capsys):
                            ("indexes", "hnsw"), ("archs", "lite0-minilm"), ("studies", "wikipedia")):
         assert main(["list", what]) == 0
         assert expected in capsys.readouterr().out.split()
+
+
+HEAVY = ("open_clip", "timm", "transformers", "torch")
+
+
+def _imported_by(argv: list[str], repo_root) -> tuple[str, list[str]]:
+    """What ``cmr <argv>`` prints, and which of HEAVY it left in ``sys.modules`` (a fresh interpreter)."""
+    code = (f"import sys; from cmr.cli import main; rc = main({argv!r}); "
+            f"print('IMPORTED', sorted(m for m in {HEAVY!r} if m in sys.modules)); sys.exit(rc)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo_root, check=True)
+    out, _, imported = run.stdout.rpartition("IMPORTED ")
+    return out, ast.literal_eval(imported)
+
+
+def test_list_archs_imports_neither_open_clip_nor_torch(repo_root):
+    out, imported = _imported_by(["list", "archs"], repo_root)
+    assert imported == []
+    assert {"lite0-minilm", "lite2-minilm", "openclip:ViT-B-32", "openclip:RN50", "cmmixer-tiny"} <= set(out.split())
+
+
+def test_list_mixers_imports_no_tower_library(repo_root):
+    out, imported = _imported_by(["list", "mixers"], repo_root)
+    assert not {"open_clip", "timm", "transformers"} & set(imported)
+    assert {"cutmix", "mixup", "none"} <= set(out.split())
 
 
 def test_search_without_an_index_says_what_to_run(tmp_path, repo_root, capsys):

@@ -71,6 +71,29 @@ def test_hnsw_on_scalar_quantised_storage_keeps_recall_and_scores(data, tmp_path
         build_index("hnsw", gallery[:100], ids[:100], device="cpu", storage="pq")
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
+def test_adding_in_chunks_gives_the_index_of_one_add(data, kind, monkeypatch):
+    from cmr.retrieval import index as index_module
+
+    gallery, queries, ids = data
+    whole = build_index(kind, gallery, ids, device="cpu", recall_sample=0)
+    monkeypatch.setattr(index_module, "ADD_CHUNK", 700)  # 5,000 rows: 7 full chunks and a part
+    chunked = build_index(kind, gallery, ids, device="cpu", recall_sample=0)
+    assert chunked.count == whole.count == len(gallery)
+    for a, b in zip(whole.search(queries, 10), chunked.search(queries, 10)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_hnsw_added_in_chunks_keeps_its_recall(data, monkeypatch):
+    from cmr.retrieval import index as index_module
+
+    gallery, queries, ids = data
+    exact = build_index("flat", gallery, ids, device="cpu")
+    monkeypatch.setattr(index_module, "ADD_CHUNK", 700)
+    chunked = build_index("hnsw", gallery, ids, device="cpu", M=16, recall_sample=0)
+    assert 0.95 <= recall_vs_exact(chunked, exact, queries, 10) <= 1.0
+
+
 def test_search_ids(data):
     gallery, _, ids = data
     index = build_index("flat", gallery[:100], ids[:100], device="cpu")

@@ -231,6 +231,17 @@ def test_save_load_round_trip_gives_identical_embeddings(lite0, cat_pixels, tmp_
 
 # -- names and weight sources ------------------------------------------------------------------
 
+def test_registry_read_without_open_clip_lists_what_open_clip_lists():
+    import open_clip
+
+    from cmr.models.architectures import CONFIG_DIR, OPENCLIP_PREFIX
+
+    own = {p.stem for p in CONFIG_DIR.glob("*.json")}
+    registered = {n for n in list_architectures() if n.startswith(OPENCLIP_PREFIX)}
+    assert registered == {OPENCLIP_PREFIX + n for n in open_clip.list_models() if n not in own}
+    assert {"lite0-minilm", "lite1-minilm", "lite2-minilm"} <= set(open_clip.list_models())  # cmr's configs added
+
+
 def test_unknown_arch_names_the_nearest_valid_one():
     assert "lite0-minilm" in list_architectures() and "openclip:ViT-B-32" in list_architectures()
     with pytest.raises(ConfigError, match="did you mean 'lite0-minilm'"):

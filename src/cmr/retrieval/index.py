@@ -21,6 +21,7 @@ import numpy as np
 
 from cmr.errors import ConfigError, DataError
 from cmr.io import atomic_path, read_json, write_json
+from cmr.progress import progress_chunks
 from cmr.registry import Registry, nearest
 from cmr.retrieval import ivfpq
 
@@ -53,6 +54,12 @@ INDEXES: Registry[IndexKind] = Registry("index")
 # cores that made a 1k x 100k x 512 flat search ~1.6x slower than one torch matmul, and
 # 16,384-row blocks made it as fast or faster (benchmarks/bench_index.py).
 _BLAS_DATABASE_BLOCK = 16384
+
+# Vectors are added this many at a time, so a large build shows rows done and time left
+# (adding is what grows with the gallery: HNSW links, IVF assignment, PQ encoding). Every
+# kind numbers the rows in the order they come, so the chunks give the index of one add;
+# HNSW links each chunk's vectors by level within the chunk, as any incremental add does.
+ADD_CHUNK = 16384
 
 
 @contextlib.contextmanager
@@ -253,7 +260,7 @@ class Index:
 
 
 def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto", *, recall_queries=None,
-                recall_sample: int = 1000, recall_k: int = 10, seed: int = 0, **options) -> Index:
+                recall_sample: int = 1000, recall_k: int = 10, seed: int = 0, label: str = "", **options) -> Index:
     """Build an index of ``kind`` over embeddings float32[N, D] (L2-normalise them first).
 
     ids: N unique strings, one per row. device: "auto" (GPU when FAISS sees one and the
@@ -263,7 +270,8 @@ def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto",
     An approximate index then measures its recall@``recall_k`` against exact search for
     ``recall_sample`` queries sampled (``seed``) from ``recall_queries`` float32[Q, D], or
     from the gallery rows when none are given (each row then finds itself at rank 1),
-    into ``Index.build_stats``; ``recall_sample`` 0 skips it.
+    into ``Index.build_stats``; ``recall_sample`` 0 skips it. ``label`` names the progress
+    bar of the add (e.g. "images").
     """
     spec = INDEXES.get(kind)
     build, search = _split_options(spec, kind, options)
@@ -287,7 +295,9 @@ def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto",
         index._to_gpu()
     if not index.faiss_index.is_trained:
         index.faiss_index.train(x if rows >= len(x) else x[np.sort(rng.choice(len(x), rows, replace=False))])
-    index.faiss_index.add(x)
+    desc = f"{label + ': ' if label else ''}adding to the {kind} index"
+    for start, stop in progress_chunks(len(x), ADD_CHUNK, desc, unit="vector"):
+        index.faiss_index.add(x[start:stop])
     index.tune(**search)
     if not spec.exact and recall_sample:
         queries = pool[np.sort(rng.choice(len(pool), min(recall_sample, len(pool)), replace=False))]

@@ -41,15 +41,21 @@ def stage_main(name: str, body: Callable[[Params], object], argv: list[str] | No
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting")
     args = ap.parse_args(argv)
+    # under torchrun every rank may fail alike, or one alone: say which
+    rank = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    return one_line_errors(f"cmr {name}{rank}", lambda: body(load_params(args.params, parse_overrides(args.set))))
+
+
+def one_line_errors(prog: str, body: Callable[[], object]) -> int:
+    """Run ``body()``: 0 when it returns; when it raises a CmrError or an OSError (a full disk, a
+    read-only folder, a missing file), one line ``<prog>: error: ...`` on stderr and 2, no traceback."""
     try:
-        body(load_params(args.params, parse_overrides(args.set)))
+        body()
     except CmrError as e:
-        # under torchrun every rank may fail alike, or one alone: say which
-        rank = f" (rank {os.environ.get('RANK')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        log(f"cmr {name}{rank}: error: {e}")
+        log(f"{prog}: error: {e}")
         return 2
-    except OSError as e:  # a full disk, a read-only folder: the OS's one line says it best
-        log(f"cmr {name}: error: {os_error_line(e)}")
+    except OSError as e:  # the OS's one line says it best
+        log(f"{prog}: error: {os_error_line(e)}")
         return 2
     return 0
 

@@ -40,7 +40,8 @@ def run(embeddings_dir: str, calibration_dir: str, kind: str, options: dict, dev
             # recall against exact search is measured with the other modality's embeddings as
             # queries (their query side of the bias trick is a constant 1)
             q = with_bias(queries, None if b is None else torch.ones(len(queries)))
-            index = build_index(kind, with_bias(emb, b), ids, device=device, recall_queries=q, **options)
+            index = build_index(kind, with_bias(emb, b), ids, device=device, recall_queries=q, label=name,
+                                **options)
             index.save(tmp / name)
             recall.update({f"{name}/{k}": v for k, v in index.build_stats.items() if k.startswith("recall_at")})
         write_json(tmp / "gallery.json", {"texts": gallery.texts, "text_item": gallery.text_item.tolist(),

@@ -15,9 +15,9 @@ from torch import nn
 from cmr.errors import ConfigError
 from cmr.io import atomic_path, read_json, write_json
 from cmr.models.checkpoint import SPEC_FILE, WEIGHTS_FILE
+from cmr.models.cmmixer.archs import CMMixerArch
 from cmr.models.cmmixer.mae import CMMixerMAE
 from cmr.models.cmmixer.retriever import RETRIEVERS
-from cmr.models.cmmixer.vit import CMMixerArch
 
 # the spec carries the whole architecture (``arch_config``), so a checkpoint loads even when its
 # JSON config has changed or it was built from an unregistered CMMixerArch

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from cmr.errors import ConfigError
+from cmr.models.cmmixer.archs import CMMixerArch, get_arch
 from cmr.models.cmmixer.mixers import MODALITIES, MixOutput
-from cmr.models.cmmixer.vit import KINDS, CMMixerArch, ViTEncoder, get_arch, init_weights, sincos_2d, \
-    transformer_blocks
+from cmr.models.cmmixer.vit import KINDS, ViTEncoder, init_weights, sincos_2d, transformer_blocks
 
 NORM_PIX_EPS = 1e-6  # MAE's epsilon in the per-patch normalisation of targets
 

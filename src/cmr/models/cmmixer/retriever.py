@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from cmr.errors import ConfigError, DataError
 from cmr.models.cmmixer.as_images import mel_as_image, video_as_image
-from cmr.models.cmmixer.vit import CMMixerArch, ViTEncoder, get_arch
+from cmr.models.cmmixer.archs import CMMixerArch, get_arch
+from cmr.models.cmmixer.vit import ViTEncoder
 from cmr.registry import Registry
 
 SIDES = ("a", "b")
