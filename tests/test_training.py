@@ -185,6 +185,17 @@ def test_unfreeze_top_trains_only_the_top_text_layer_on_cached_image_features(sm
     for lower_a, lower_b in zip(layers(start)[:-1], layers(tuned)[:-1]):
         assert all(torch.equal(a, b) for a, b in zip(lower_a.parameters(), lower_b.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(start.image_tower_parameters(), tuned.image_tower_parameters()))
+    assert info["tuned_towers"] == ["text"] and info["base_backbone_id"] == "lite0-minilm|offline"
+    # encode: the image side from the pretrained cache entry, the tuned text tower run afresh
+    bundle = load_two_tower(tmp_path / "out" / "model")
+    from cmr.training.fit import model_features, split_features
+
+    got = model_features(bundle, sub, "val", tmp_path / "out", "cpu", str(tmp_path / "cache"))
+    cached = split_features(bundle, sub, "val", "lite0-minilm|offline", "cpu", str(tmp_path / "cache"))
+    fresh = split_features(bundle, sub, "val", "fresh", "cpu", None)
+    assert torch.equal(got.image, cached.image)
+    assert torch.allclose(got.text, fresh.text, atol=1e-5)
+    assert torch.allclose(got.image, fresh.image, atol=1e-4)  # the cache held the same frozen tower's output
 
 
 def test_unfreeze_asks_for_blocks_the_tower_has():

@@ -13,14 +13,13 @@ from cmr.io import atomic_path
 from cmr.models import load_two_tower
 from cmr.config import Params
 from cmr.stages._common import log, resolve_device, stage_main
-from cmr.training.fit import backbone_id, split_features
+from cmr.training.fit import model_features
 
 
 def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir: str | None,
         workers: int = 0) -> dict:
     prepared = load_prepared(prepared_dir)
     bundle = load_two_tower(Path(model_dir) / "model", device=device)
-    bid = backbone_id(Path(model_dir), "", "")
     model = bundle.model.eval()
     counts = {}
     with atomic_path(out_dir) as tmp:
@@ -29,7 +28,7 @@ def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir:
             items = by_split(prepared.items, split)
             if not items:
                 continue
-            fs = split_features(bundle, prepared, split, bid, device, cache_dir, workers)
+            fs = model_features(bundle, prepared, split, Path(model_dir), device, cache_dir, workers)
             with torch.no_grad():
                 img = model.head_image(fs.image.to(device)).float().cpu()
                 txt = model.head_text(fs.text.to(device)).float().cpu()

@@ -443,7 +443,9 @@ def run(p: Params, quick: bool = False, out_dir: str | Path | None = None, split
                                                                       multiples, device, splits)
         cells += dataset_cells
     rows = summarise(cells)
-    out = Path(out_dir) if out_dir is not None else output_dir("calibration", quick)
+    # another dataset's study (params/flickr8k.yaml) never overwrites the default one's tables
+    name = "calibration" if p.data.reader == "openclipart" else f"calibration-{p.data.reader}"
+    out = Path(out_dir) if out_dir is not None else output_dir(name, quick)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "table.csv", rows)
     write_text(out / "table.md", markdown_table(rows))

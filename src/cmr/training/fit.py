@@ -71,6 +71,24 @@ def live_features(bundle, prepared: Prepared, split: str, device: str, frozen: s
     return FeatureSet(img, txt, owner, label_matrix(items, prepared.label_set), identity_vector(items))
 
 
+def model_features(bundle, prepared: Prepared, split: str, model_dir: Path, device: str, cache_dir: str | None,
+                   workers: int = 0) -> FeatureSet:
+    """Backbone features of one split for a saved model (``model_dir``): from the cache while its
+    towers are the pretrained ones; when training tuned only some tower (``tuned_towers`` in its
+    training.json), the untouched tower's features come from the pretrained backbone's cache entry
+    (when there is one) and only the tuned tower runs."""
+    info = read_json(Path(model_dir) / TRAINING_FILE)
+    frozen = {"image", "text"} - set(info.get("tuned_towers", ("image", "text")))
+    base = info.get("base_backbone_id")
+    if info.get("backbone_tuned") and frozen and base and cache_dir is not None:
+        items = by_split(prepared.items, split)
+        path = Path(cache_dir) / f"{cache_key({'backbone': base}, prepared.info['data_version'], [it.id for it in items])}.pt"
+        if path.exists():
+            img, txt, owner = torch.load(path, weights_only=True)
+            return live_features(bundle, prepared, split, device, frozen, FeatureSet(img, txt, owner), workers)
+    return split_features(bundle, prepared, split, backbone_id(Path(model_dir), "", ""), device, cache_dir, workers)
+
+
 def split_pairs(prepared: Prepared, split: str) -> FeatureSet:
     """Who-belongs-to-what of one split (text_item, labels, identity) without backbone features:
     what tower training needs, since it encodes every batch afresh (features are [N, 0] / [T, 0])."""
@@ -166,12 +184,20 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
                               backbone_lr=backbone_lr, freeze_bn_stats=freeze_bn_stats, workers=workers,
                               **common)
     tuned = frozen != {"image", "text"} or bid.startswith("tuned:")
+    # which towers differ from the pretrained ones (this run's and, continued, its start's): encode
+    # reuses the pretrained cache for the others (model_features)
+    init_info = read_json(Path(init_dir) / TRAINING_FILE) if init_dir else {}
+    tuned_towers = {"image", "text"} - frozen
+    if init_info.get("backbone_tuned"):
+        tuned_towers |= set(init_info.get("tuned_towers", ("image", "text")))
+    base = init_info.get("base_backbone_id", bid) if init_dir else bid
 
     def save(tmp: Path) -> None:
         tmp.mkdir()
         save_two_tower(model.cpu(), bundle.spec, tmp / "model")
         write_json(tmp / TRAINING_FILE, {
-            "backbone_id": bid, "backbone_tuned": tuned, "best_epoch": result.best_epoch,
+            "backbone_id": bid, "backbone_tuned": tuned, "tuned_towers": sorted(tuned_towers),
+            "base_backbone_id": None if (base or "tuned:").startswith("tuned:") else base, "best_epoch": result.best_epoch,
             "data_version": prepared.info["data_version"], "losses": losses, "seed": seed,
         })
         write_json(tmp / "history.json", result.history)
