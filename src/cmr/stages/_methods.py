@@ -75,7 +75,7 @@ def _two_tower_encode(p: Params) -> dict:
 
     require_pair(p)
     return run(p.paths.prepared, p.paths.finetuned, p.paths.embeddings, resolve_device(p.device), p.paths.cache,
-               p.num_workers)
+               p.num_workers, p.encode.shard_size)
 
 
 def _two_tower_package(model_dir: str, out_dir: str) -> dict:
@@ -146,7 +146,7 @@ def _cmmixer_encode(p: Params) -> dict:
     from cmr.stages.encode import run_av
 
     return run_av(p.paths.prepared, p.paths.finetuned, p.paths.embeddings, p.data.gallery, p.data.query,
-                  media_spec(p), resolve_device(p.device), p.paths.cache, p.num_workers)
+                  media_spec(p), resolve_device(p.device), p.paths.cache, p.num_workers, p.encode.shard_size)
 
 
 def _cmmixer_package(model_dir: str, out_dir: str) -> dict:

@@ -1,4 +1,9 @@
-"""Stage encode: embed every split with the selected model; the embeddings are the hand-off."""
+"""Stage encode: embed every split with the selected model; the embeddings are the hand-off.
+
+``shard_size`` 0 writes ``<split>.npz`` per split, encoded whole; N > 0 streams each split in
+shards of N items into ``<split>.shards/`` (:mod:`cmr.training.encode_shards`), for corpora whose
+features do not fit in memory.
+"""
 from __future__ import annotations
 
 import sys
@@ -8,7 +13,8 @@ import torch
 
 from cmr.data.prepare import load_prepared
 from cmr.data.schema import SPLITS, by_split
-from cmr.embeddings import SplitEmbeddings, save_split
+from cmr.embeddings import SplitEmbeddings, save_split, shards_dir
+from cmr.errors import ConfigError
 from cmr.io import atomic_path
 from cmr.models import load_two_tower
 from cmr.config import Params
@@ -17,7 +23,7 @@ from cmr.training.fit import backbone_id, split_features
 
 
 def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir: str | None,
-        workers: int = 0) -> dict:
+        workers: int = 0, shard_size: int = 0) -> dict:
     prepared = load_prepared(prepared_dir)
     bundle = load_two_tower(Path(model_dir) / "model", device=device)
     bid = backbone_id(Path(model_dir), "", "")
@@ -28,6 +34,15 @@ def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir:
         for split in SPLITS:
             items = by_split(prepared.items, split)
             if not items:
+                continue
+            if shard_size:
+                from cmr.training.encode_shards import encode_split_sharded
+
+                spec = {"backbone": bid, "data_version": prepared.info["data_version"]}
+                m = encode_split_sharded(bundle, items, prepared.root, prepared.features, prepared.label_set,
+                                         shards_dir(tmp / f"{split}.npz"), shard_size, device, workers=workers,
+                                         cache_dir=cache_dir, cache_spec=spec)
+                counts[split] = {"items": m["items"], "texts": m["texts"], "shards": len(m["shards"])}
                 continue
             fs = split_features(bundle, prepared, split, bid, device, cache_dir, workers)
             with torch.no_grad():
@@ -42,9 +57,12 @@ def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir:
 
 
 def run_av(prepared_dir: str, model_dir: str, out_dir: str, gallery: str, query: str, spec, device: str,
-           cache_dir: str | None, workers: int = 0) -> dict:
+           cache_dir: str | None, workers: int = 0, shard_size: int = 0) -> dict:
     """cmmixer retriever: the gallery modality's embeddings in ``image``, the query modality's in
     ``text`` (one query per item, ``text_item`` = its own row)."""
+    if shard_size:
+        raise ConfigError(f"encode.shard_size {shard_size}: encoding in shards is implemented for two-tower "
+                          "archs only; set it to 0 for cmmixer archs")
     from cmr.training.av_fit import encode_split, load_retriever, pair_items
     from cmr.training.features import identity_vector, label_matrix
 

@@ -1,0 +1,67 @@
+"""Encode a split in shards of items, so memory does not grow with the corpus.
+
+The whole-split path (:func:`cmr.training.fit.split_features`) holds every backbone feature
+of a split at once ([N, F_i] + [T, F_t] floats, ~7-13 KB an item for lite0-minilm).
+Here :func:`encode_shard` takes one shard's items through the towers and heads, and
+:func:`encode_split_sharded` hands the shards one by one to
+:func:`cmr.embeddings.write_shards`, which writes each before the next is encoded: peak
+memory is one shard's images, features and embeddings, plus the item list itself.
+:func:`encode_shard` is a pure function of its items, so a flow can run shards as tasks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from cmr.data.schema import Item
+from cmr.embeddings import SplitEmbeddings, write_shards
+from cmr.training.features import (cache_key, cached_backbone_features, compute_backbone_features, identity_vector,
+                                   label_matrix)
+
+
+def shard_bounds(count: int, shard_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each shard of ``count`` items: every shard ``shard_size`` long but the last."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [(i, min(i + shard_size, count)) for i in range(0, count, shard_size)]
+
+
+@torch.no_grad()
+def encode_shard(bundle, items: Sequence[Item], root: Path, features: dict | None, label_set: Sequence[str],
+                 identity: torch.Tensor | None, device: str, *, workers: int = 0, cache_dir: str | None = None,
+                 cache_spec: dict | None = None) -> SplitEmbeddings:
+    """Head embeddings of ``items`` (one shard): image [n, D], text [t, D] float32 on the CPU,
+    ``text_item`` [t] counting from this shard's first item.
+
+    ``identity`` [n]: the shard's slice of the split's identity numbers (numbered over the
+    whole split, so shards agree), or None. ``cache_spec`` (with ``cache_dir``) memoises the
+    shard's backbone features under a key of the spec and the shard's item ids.
+    """
+    model = bundle.model.eval()
+    compute = lambda: compute_backbone_features(model, bundle.tokenizer, bundle.preprocess_val, items, root,
+                                                features, device, workers=workers)
+    key = cache_key(cache_spec or {}, "shard", [it.id for it in items])
+    img, txt, text_item = cached_backbone_features(cache_dir if cache_spec else None, key, compute)
+    image = model.head_image(img.to(device)).float().cpu()
+    text = model.head_text(txt.to(device)).float().cpu()
+    texts = [t for it in items for t in it.texts] or [f"<features:{it.id}>" for it in items]
+    return SplitEmbeddings(image, text, text_item, [it.id for it in items], texts, label_matrix(items, label_set),
+                           identity)
+
+
+def encode_split_sharded(bundle, items: Sequence[Item], root: Path, features: dict | None,
+                         label_set: Sequence[str], out_dir: str | Path, shard_size: int, device: str, *,
+                         workers: int = 0, cache_dir: str | None = None, cache_spec: dict | None = None) -> dict:
+    """Encode ``items`` (one split, in order) shard by shard into the shard folder ``out_dir``
+    (:func:`cmr.embeddings.write_shards`); returns its manifest."""
+    identity = identity_vector(items)  # [N] ints: numbered over the split, sliced per shard
+
+    def shards() -> Iterator[SplitEmbeddings]:
+        for start, stop in shard_bounds(len(items), shard_size):
+            yield encode_shard(bundle, items[start:stop], root, features, label_set,
+                               None if identity is None else identity[start:stop], device, workers=workers,
+                               cache_dir=cache_dir, cache_spec=cache_spec)
+
+    return write_shards(out_dir, shards(), shard_size)
