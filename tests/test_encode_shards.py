@@ -19,7 +19,7 @@ from cmr.models import save_two_tower
 from cmr.retrieval.index import build_index, load_index
 from cmr.retrieval.stream_index import build_index_streamed
 from cmr.stages import encode, index as index_stage
-from cmr.training import encode_shards
+from cmr.training import encoding
 
 SHARD = 4
 
@@ -85,8 +85,8 @@ def test_shard_count_and_sizes(encoded):
     assert [s["texts"] for s in m["shards"]] == [int(sum(whole.text_item // SHARD == i)) for i in range(5)]
     assert m["texts"] == len(whole.texts) and m["dim"] == whole.image.shape[1]
     assert encoded["counts"][SHARD]["train"] == {"items": 18, "texts": len(whole.texts), "shards": 5}
-    assert encode_shards.shard_bounds(18, 4) == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 18)]
-    assert encode_shards.shard_bounds(8, 4) == [(0, 4), (4, 8)] and encode_shards.shard_bounds(0, 4) == []
+    assert encoding.shard_bounds(18, 4) == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 18)]
+    assert encoding.shard_bounds(8, 4) == [(0, 4), (4, 8)] and encoding.shard_bounds(0, 4) == []
 
 
 def test_a_crash_mid_stream_leaves_the_old_output_and_no_temporary_folder(encoded, prepared_dir, model_dir,
@@ -95,7 +95,7 @@ def test_a_crash_mid_stream_leaves_the_old_output_and_no_temporary_folder(encode
     out.mkdir()
     (out / "marker").write_text("old")
     calls = []
-    real = encode_shards.encode_shard
+    real = encoding.encode_shard
 
     def dies_on_third(*args, **kwargs):
         calls.append(1)
@@ -103,7 +103,7 @@ def test_a_crash_mid_stream_leaves_the_old_output_and_no_temporary_folder(encode
             raise RuntimeError("killed mid-stream")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(encode_shards, "encode_shard", dies_on_third)
+    monkeypatch.setattr(encoding, "encode_shard", dies_on_third)
     with pytest.raises(RuntimeError, match="killed mid-stream"):
         encode.run(str(prepared_dir), str(model_dir), str(out), "cpu", None, shard_size=SHARD)
     assert len(calls) == 3
@@ -146,10 +146,12 @@ def _reshard(whole: Path, out: Path, size: int) -> None:
         e = load_split(whole / f"{split}.npz")
         def pieces():
             for start in range(0, len(e.ids), size):
+                rows = slice(start, start + size)
                 keep = (e.text_item >= start) & (e.text_item < start + size)
-                yield SplitEmbeddings(e.image[start:start + size], e.text[keep], e.text_item[keep] - start,
-                                      e.ids[start:start + size], [t for t, k in zip(e.texts, keep) if k],
-                                      e.labels[start:start + size], e.identity[start:start + size])
+                yield SplitEmbeddings(e.image[rows], e.text[keep], e.text_item[keep] - start, e.ids[rows],
+                                      [t for t, k in zip(e.texts, keep) if k],
+                                      None if e.labels is None else e.labels[rows],
+                                      None if e.identity is None else e.identity[rows])
         write_shards(shards_dir(out / f"{split}.npz"), pieces(), size)
 
 
