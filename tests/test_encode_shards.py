@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cmr.check import check_settings
 from cmr.config import load_params
 from cmr.data.prepare import prepare_dataset, save_prepared
 from cmr.embeddings import (MANIFEST, SplitEmbeddings, iter_gallery, load_gallery, load_split, read_manifest,
@@ -19,6 +20,7 @@ from cmr.models import save_two_tower
 from cmr.retrieval.index import build_index, load_index
 from cmr.retrieval.stream_index import build_index_streamed
 from cmr.stages import encode, index as index_stage
+from cmr.stages._methods import require_shardable
 from cmr.training import encoding
 
 SHARD = 4
@@ -221,6 +223,10 @@ def test_shard_size_setting_is_typed_and_closed(repo_root):
         load_params(params, {"encode.shard_size": -1})
     with pytest.raises(ConfigError, match="shard_size"):
         load_params(params, {"encode.shard_sise": 10})
+    av = {"model.arch": "cmmixer-tiny", "data.gallery": "video", "data.query": "audio"}
+    require_shardable(load_params(params, av))  # cmmixer encodes whole splits
+    with pytest.raises(ConfigError, match=r"encode.shard_size: shards \(encode.shard_size 64\).*'cmmixer-tiny'"):
+        check_settings(load_params(params, {**av, "encode.shard_size": 64}))
 
 
 def test_iter_gallery_pieces_add_up_to_the_gallery(encoded):

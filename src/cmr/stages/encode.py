@@ -14,7 +14,6 @@ import torch
 from cmr.data.prepare import load_prepared
 from cmr.data.schema import SPLITS, by_split
 from cmr.embeddings import SplitEmbeddings, save_split, shards_dir
-from cmr.errors import ConfigError
 from cmr.io import atomic_path
 from cmr.models import load_two_tower
 from cmr.config import Params
@@ -46,12 +45,9 @@ def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir:
 
 
 def run_av(prepared_dir: str, model_dir: str, out_dir: str, gallery: str, query: str, spec, device: str,
-           cache_dir: str | None, workers: int = 0, shard_size: int = 0) -> dict:
+           cache_dir: str | None, workers: int = 0) -> dict:
     """cmmixer retriever: the gallery modality's embeddings in ``image``, the query modality's in
     ``text`` (one query per item, ``text_item`` = its own row)."""
-    if shard_size:
-        raise ConfigError(f"encode.shard_size {shard_size}: encoding in shards is implemented for two-tower "
-                          "archs only; set it to 0 for cmmixer archs")
     from cmr.training.av_fit import encode_split, load_retriever, pair_items
     from cmr.training.features import identity_vector, label_matrix
 
