@@ -124,6 +124,8 @@ def test_write_shards_is_all_or_nothing_and_checks_its_manifest(tmp_path):
     with pytest.raises(OSError):
         write_shards(tmp_path / "x.shards", parts(fail_at=2), 2)
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DataError, match="at least one shard"):
+        write_shards(tmp_path / "x.shards", iter([]), 2)
     m = write_shards(tmp_path / "x.shards", parts(), 2)
     assert (m["items"], m["texts"], len(m["shards"])) == (6, 3, 3)
     e = load_split(tmp_path / "x.npz")

@@ -79,9 +79,11 @@ def concat(parts: list[SplitEmbeddings], keep_truth: bool = True) -> SplitEmbedd
     """``parts`` one after the other (text_item re-indexed); labels and identity too when
     ``keep_truth`` (parts of one split: their identity numbers are the split's)."""
     offsets = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
+
     def cat(name):
         values = [getattr(p, name) for p in parts]
         return torch.cat(values) if keep_truth and all(v is not None for v in values) else None
+
     return SplitEmbeddings(
         image=torch.cat([p.image for p in parts]), text=torch.cat([p.text for p in parts]),
         text_item=torch.cat([p.text_item + int(o) for p, o in zip(parts, offsets)]),
@@ -147,6 +149,8 @@ def write_shards(directory: str | Path, shards: Iterable[SplitEmbeddings], shard
             dim = int(e.image.shape[1])
             save_split(tmp / shard_name(number), e)
             entries.append({"file": shard_name(number), "items": len(e.ids), "texts": int(e.text.shape[0])})
+        if not entries:
+            raise DataError(str(directory), "at least one shard", "the split has no items to encode")
         manifest = {"format": SHARDS_FORMAT, "shard_size": shard_size, "dim": dim, "shards": entries,
                     "items": sum(s["items"] for s in entries), "texts": sum(s["texts"] for s in entries)}
         write_json(tmp / MANIFEST, manifest)
