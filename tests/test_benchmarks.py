@@ -106,3 +106,12 @@ def test_bench_scale_prints_each_index_against_flat(capsys):
                 "--grid-m", "8", "--grid-ef-construction", "20", "--ef-search", "8", "64", "--latency-calls", "5"])
     assert re.search(r"(fastest at recall@10 >= 0.95, whole query batch|whole query batch: no setting)",
                      capsys.readouterr().out)
+
+
+@pytest.mark.slow  # four subprocesses that each build the towers: ~1 min on 2 loaded cores
+def test_bench_encode_stream_prints_ratios_and_same_embeddings(capsys):
+    load("bench_encode_stream").main(["--sizes", "8", "16", "--shard-size", "4"])
+    out = capsys.readouterr().out
+    assert len(ratios(out, r"ratio sharded / whole: peak (\d+\.\d+)")) == 2
+    assert all(d < 1e-5 for d in ratios(out, r"max \|whole - sharded\| (\S+)\n"))
+    assert "growth slope 8->16 items" in out

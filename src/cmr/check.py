@@ -54,6 +54,12 @@ def _arch(p: Params) -> None:
     resolve_arch(p.model.arch)
 
 
+def _shard_size(p: Params) -> None:
+    from cmr.stages._methods import require_shardable
+
+    require_shardable(p)
+
+
 def _losses(section: str):
     def check(p: Params) -> None:
         from cmr.losses import build_loss
@@ -99,7 +105,8 @@ def _outputs(p: Params) -> None:
 
 #: (the setting a failure is about, its check); each check raises a CmrError
 CHECKS = (("data.source", _source), ("data.reader", _reader), ("data.options", _reader_options),
-          ("model.arch", _arch), ("pretrain.losses", _losses("pretrain")), ("finetune.losses", _losses("finetune")),
+          ("model.arch", _arch), ("encode.shard_size", _shard_size),
+          ("pretrain.losses", _losses("pretrain")), ("finetune.losses", _losses("finetune")),
           ("pretrain.select_metric", _higher_is_better("pretrain.select_metric")),
           ("finetune.select_metric", _higher_is_better("finetune.select_metric")),
           ("calibrate.method", _calibrator), ("index.kind", _index),

@@ -107,6 +107,12 @@ class TrainCfg(Section):
     select_metric: str = "val/rsum"
 
 
+class EncodeCfg(Section):
+    #: items a shard: 0 encodes each split whole into <split>.npz; N > 0 streams it in shards of N
+    #: items into <split>.shards/, holding one shard's features at a time (two-tower archs)
+    shard_size: int = Field(0, ge=0)
+
+
 class CalibrateCfg(Section):
     method: str = "sinkhorn"
     options: dict = Field(default_factory=dict)
@@ -182,6 +188,7 @@ class Params(Section):
     cmmixer: CMMixerCfg = CMMixerCfg()
     pretrain: TrainCfg = TrainCfg()
     finetune: TrainCfg = TrainCfg()
+    encode: EncodeCfg = EncodeCfg()
     calibrate: CalibrateCfg = CalibrateCfg()
     index: IndexCfg = IndexCfg()
     evaluate: EvaluateCfg = EvaluateCfg()

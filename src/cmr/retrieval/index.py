@@ -273,26 +273,11 @@ def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto",
     into ``Index.build_stats``; ``recall_sample`` 0 skips it. ``label`` names the progress
     bar of the add (e.g. "images").
     """
-    spec = INDEXES.get(kind)
-    build, search = _split_options(spec, kind, options)
     x = _as_matrix(embeddings, "embeddings")
-    if len(x) == 0:
-        raise DataError("embeddings", "at least one row to index", f"got shape {x.shape}")
-    ids = [str(i) for i in ids]
-    if len(ids) != len(x):
-        raise DataError("ids", "one id per embedding row", f"{len(ids)} ids for {len(x)} rows")
-    _check_unique(ids, "ids")
-    if "nlist" in build and len(x) < _ivf_nlist(len(x), build["nlist"]):
-        raise ConfigError(f"index {kind!r}: nlist {build['nlist']} is more than the {len(x)} embeddings")
-    if not _whole(recall_sample, 0) or not _whole(recall_k, 1):
-        raise ConfigError(f"index build: recall_sample must be >= 0 and recall_k >= 1, got {recall_sample!r}, "
-                          f"{recall_k!r}")
+    spec, index, search = new_index(kind, x.shape[1], ids, len(x), device, recall_sample, recall_k, options)
     pool = x if recall_queries is None else _as_matrix(recall_queries, "recall_queries", x.shape[1])
-    index = Index(spec.make(x.shape[1], len(x), **build), ids, kind, build, {})
     rng = np.random.default_rng(seed)
-    rows = spec.train_rows(len(x), build, index.faiss_index) if spec.train_rows else len(x)
-    if _use_gpu(spec, kind, device):
-        index._to_gpu()
+    rows = spec.train_rows(len(x), index.build_options, index.faiss_index) if spec.train_rows else len(x)
     if not index.faiss_index.is_trained:
         index.faiss_index.train(x if rows >= len(x) else x[np.sort(rng.choice(len(x), rows, replace=False))])
     desc = f"{label + ': ' if label else ''}adding to the {kind} index"
@@ -308,6 +293,29 @@ def build_index(kind: str, embeddings, ids: Sequence[str], device: str = "auto",
                              "recall_query_source": "gallery rows" if recall_queries is None else "given queries",
                              "recall_search_options": dict(index.search_options)}
     return index
+
+
+def new_index(kind: str, dim: int, ids: Sequence[str], count: int, device: str, recall_sample: int, recall_k: int,
+              options: dict) -> tuple[IndexKind, Index, dict]:
+    """(kind spec, empty untrained Index on its device, search options) for ``count`` rows of
+    ``dim``, after checking the options, the ids and the recall settings."""
+    spec = INDEXES.get(kind)
+    build, search = _split_options(spec, kind, options)
+    if count == 0:
+        raise DataError("embeddings", "at least one row to index", f"got shape (0, {dim})")
+    ids = [str(i) for i in ids]
+    if len(ids) != count:
+        raise DataError("ids", "one id per embedding row", f"{len(ids)} ids for {count} rows")
+    _check_unique(ids, "ids")
+    if "nlist" in build and count < _ivf_nlist(count, build["nlist"]):
+        raise ConfigError(f"index {kind!r}: nlist {build['nlist']} is more than the {count} embeddings")
+    if not _whole(recall_sample, 0) or not _whole(recall_k, 1):
+        raise ConfigError(f"index build: recall_sample must be >= 0 and recall_k >= 1, got {recall_sample!r}, "
+                          f"{recall_k!r}")
+    index = Index(spec.make(dim, count, **build), ids, kind, build, {})
+    if _use_gpu(spec, kind, device):
+        index._to_gpu()
+    return spec, index, search
 
 
 def _check_unique(ids: list[str], where: str) -> None:

@@ -62,6 +62,15 @@ def require_pair(p: Params) -> None:
                           "(`cmr list archs`, e.g. cmmixer-tiny)")
 
 
+def require_shardable(p: Params) -> None:
+    """ConfigError when ``encode.shard_size`` asks for shards from an arch whose encoder has none."""
+    from cmr.models.cmmixer import CMMIXER_ARCHS
+
+    if p.encode.shard_size and p.model.arch in CMMIXER_ARCHS:
+        raise ConfigError(f"shards (encode.shard_size {p.encode.shard_size}) are implemented for two-tower archs; "
+                          f"model.arch {p.model.arch!r} needs encode.shard_size 0")
+
+
 def _two_tower(section: str, init: Callable[[Params], str | None], out: Callable[[Params], str]):
     def run(p: Params) -> dict:
         from cmr.stages.pretrain import train_two_tower
@@ -77,7 +86,7 @@ def _two_tower_encode(p: Params) -> dict:
 
     require_pair(p)
     return run(p.paths.prepared, p.paths.finetuned, p.paths.embeddings, resolve_device(p.device), p.paths.cache,
-               p.num_workers)
+               p.num_workers, p.encode.shard_size)
 
 
 def _two_tower_package(model_dir: str, out_dir: str) -> dict:
@@ -158,6 +167,7 @@ def _cmmixer_finetune(p: Params) -> dict:
 def _cmmixer_encode(p: Params) -> dict:
     from cmr.stages.encode import run_av
 
+    require_shardable(p)
     return run_av(p.paths.prepared, p.paths.finetuned, p.paths.embeddings, p.data.gallery, p.data.query,
                   media_spec(p), resolve_device(p.device), p.paths.cache, p.num_workers)
 

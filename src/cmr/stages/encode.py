@@ -1,4 +1,9 @@
-"""Stage encode: embed every split with the selected model; the embeddings are the hand-off."""
+"""Stage encode: embed every split with the selected model; the embeddings are the hand-off.
+
+``shard_size`` 0 writes ``<split>.npz`` per split, encoded whole; N > 0 streams each split in
+shards of N items into ``<split>.shards/``, for corpora whose features do not fit in memory
+(:mod:`cmr.training.encoding`).
+"""
 from __future__ import annotations
 
 import sys
@@ -8,34 +13,35 @@ import torch
 
 from cmr.data.prepare import load_prepared
 from cmr.data.schema import SPLITS, by_split
-from cmr.embeddings import SplitEmbeddings, save_split
+from cmr.embeddings import SplitEmbeddings, save_split, shards_dir
 from cmr.io import atomic_path
 from cmr.models import load_two_tower
 from cmr.config import Params
 from cmr.stages._common import log, resolve_device, stage_main
-from cmr.training.fit import model_features
+from cmr.training.encoding import encode_split_sharded, encode_split_whole
+from cmr.training.fit import backbone_id, model_features
 
 
 def run(prepared_dir: str, model_dir: str, out_dir: str, device: str, cache_dir: str | None,
-        workers: int = 0) -> dict:
+        workers: int = 0, shard_size: int = 0) -> dict:
     prepared = load_prepared(prepared_dir)
     bundle = load_two_tower(Path(model_dir) / "model", device=device)
-    model = bundle.model.eval()
+    bid = backbone_id(Path(model_dir), "", "")
     counts = {}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for split in SPLITS:
-            items = by_split(prepared.items, split)
-            if not items:
+            if not by_split(prepared.items, split):
                 continue
-            fs = model_features(bundle, prepared, split, Path(model_dir), device, cache_dir, workers)
-            with torch.no_grad():
-                img = model.head_image(fs.image.to(device)).float().cpu()
-                txt = model.head_text(fs.text.to(device)).float().cpu()
-            texts = [t for it in items for t in it.texts] or [f"<features:{it.id}>" for it in items]
-            save_split(tmp / f"{split}.npz", SplitEmbeddings(img, txt, fs.text_item, [it.id for it in items],
-                                                           texts, fs.labels, fs.identity))
-            counts[split] = {"items": len(items), "texts": int(txt.shape[0])}
+            if shard_size:
+                m = encode_split_sharded(bundle, prepared, split, bid, device, shards_dir(tmp / f"{split}.npz"),
+                                         shard_size, cache_dir=cache_dir, workers=workers)
+                counts[split] = {"items": m["items"], "texts": m["texts"], "shards": len(m["shards"])}
+            else:
+                # a tower that training left untouched keeps its pretrained cache (model_features)
+                counts[split] = encode_split_whole(
+                    bundle, prepared, split, bid, device, tmp / f"{split}.npz",
+                    features=model_features(bundle, prepared, split, Path(model_dir), device, cache_dir, workers))
     log(f"encode: {counts} -> {out_dir}")
     return counts
 
