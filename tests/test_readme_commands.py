@@ -230,6 +230,12 @@ def test_queued_sweeps_as_written(project):
     assert sorted(e["params"]["params.yaml"]["data"]["calibrate"]["method"] for e in new) == ["none", "sinkhorn"]
     assert all(e["metrics"]["data/reports/metrics.json"]["data"]["val"]["rsum"] > 0 for e in new)
 
+    # queue the next ones only once the workers are gone (a worker stays 60 s after its queue empties and
+    # would start them: 6 trainings)
+    t0 = time.monotonic()
+    while "Worker status: 0 active, 0 idle" not in _queue_status(project):
+        assert time.monotonic() - t0 < 300, _queue_status(project)
+        time.sleep(10)
     _run(command(text, "'finetune.lr="), project)
     _run(command(text, "'calibrate.method=none,dsl"), project)
     status = _run(command(text, "dvc queue start -j 2 && ").split(" && ")[1], project).stdout
