@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import DEFAULT_DATA, REPO
+from readme_commands import python_snippet, readme
 
 pytestmark = pytest.mark.slow
 N_ITEMS = 160
@@ -116,11 +117,11 @@ def test_dvc_repro_end_to_end(project):
     assert run.data.tags["registered_towers"] == "referenced"
     # the README's MLflow snippet, as written, from the project root: loads the champion (MLflow
     # refuses pickled pyfuncs by default, so loading proves none is unpickled) and leaves no stray store
-    readme = (REPO / "README.md").read_text()
-    snippet = re.search(r"## MLflow.*?```python\n(.*?)```", readme, re.S).group(1)
+    snippet = python_snippet(readme(), "## MLflow")
+    files = sorted(project.rglob("*"))
     out = _sh([sys.executable, "-c", snippet], project)
     assert "(2, 256)" in out.stdout, out.stdout + out.stderr[-2000:]
-    assert not (project / "mlflow.db").exists()
+    assert sorted(project.rglob("*")) == files  # no stray store (it once left an mlflow.db) or other file
 
     # no-op second run: nothing re-executes
     again = _sh(["dvc", "repro"], project)
