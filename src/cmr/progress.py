@@ -1,4 +1,4 @@
-"""Progress bars for the long loops (feature caching, training epochs, encoding, data checks).
+"""Progress bars for the long loops (feature caching, training epochs, encoding, data checks, study cells).
 
 A bar shows the count done, the rate and the time left on stderr when stderr is a
 terminal, and nothing otherwise (DVC logs, CI, pipes stay clean). ``TQDM_DISABLE=1``
