@@ -290,25 +290,3 @@ def test_legacy_format_pickle_is_refused_too(tmp_path):
     with pytest.raises(ConfigError, match="refused"):
         build_two_tower("ViT-S-32-alt", pretrained=str(evil), embed_dim=256, head="identity")
     assert not marker.exists()
-
-
-def test_two_tower_heads_embed_as_the_model_and_are_copies_small_enough_to_ship(lite0):
-    import pickle
-
-    from cmr.models import TwoTowerHeads
-
-    model = lite0.model.eval()
-    heads = TwoTowerHeads(model).eval()
-    image = torch.randn(3, model.backbone_image_dim, generator=torch.Generator().manual_seed(0))
-    text = torch.randn(4, model.backbone_text_dim, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(heads.head_image(image), model.head_image(image))
-        assert torch.equal(heads.head_text(text), model.head_text(text))
-        assert heads.head_image(image).shape == (3, model.embed_dim) and heads.embed_dim == model.embed_dim
-        assert heads.logit_scale.item() == model.logit_scale.item()
-        before = model.head_image(image)
-        for p in heads.parameters():
-            p.add_(0.5)  # training the copy leaves the model as it was
-        assert torch.equal(model.head_image(image), before) and heads.logit_scale.item() != model.logit_scale.item()
-    # what a study cell ships to a worker: the heads, not the ~100 MB of towers
-    assert len(pickle.dumps(heads)) < 0.05 * len(pickle.dumps(model))

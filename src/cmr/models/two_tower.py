@@ -5,7 +5,6 @@ backbone features once and train only the heads on them.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
@@ -192,24 +191,3 @@ class TwoTower(nn.Module):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self
-
-
-class TwoTowerHeads(nn.Module):
-    """Copies of the trainable part of a :class:`TwoTower` with locked towers: both heads and
-    ``logit_scale``, with the head API that :func:`cmr.training.engine.train_heads` uses.
-
-    A study cell takes this instead of the model: it pickles to a worker in kilobytes where the
-    towers weigh about 100 MB, and training it changes nothing in ``model``.
-    head_image: backbone features [B, F_i] -> [B, D] unit rows; head_text: [B, F_t] -> [B, D].
-    """
-
-    def __init__(self, model: TwoTower):
-        super().__init__()
-        self.image_head = copy.deepcopy(model.image_head)
-        self.text_head = copy.deepcopy(model.text_head)
-        self.logit_scale = nn.Parameter(model.logit_scale.detach().clone(),
-                                        requires_grad=model.logit_scale.requires_grad)
-        self.embed_dim = model.embed_dim
-
-    head_image = TwoTower.head_image
-    head_text = TwoTower.head_text

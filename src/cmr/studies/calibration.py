@@ -59,11 +59,12 @@ from cmr.config import Params
 from cmr.data.prepare import prepare_dataset
 from cmr.errors import CmrError
 from cmr.io import atomic_path, write_text
-from cmr.models import TwoTowerHeads, build_two_tower
+from cmr.models import build_two_tower
 from cmr.retrieval.calibrate import MARGINAL_NEIGHBOURS, TRANSDUCTIVE_SUFFIX
 from cmr.stages._common import log, resolve_device
 from cmr.stages.calibrate import DIRECTIONS
 from cmr.studies import STUDIES, output_dir
+from cmr.studies._common import TwoTowerHeads
 from cmr.studies.calibration_cells import (CALIBRATORS, KS, LOSSES, QUICK_MULTIPLES, SETTINGS, SPLITS,
                                            TEMPERATURE_MULTIPLES, pooled_features, resplit, split_cell)
 from cmr.studies.fanout import run_cells

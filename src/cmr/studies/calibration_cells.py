@@ -17,10 +17,10 @@ from cmr.data.prepare import Prepared
 from cmr.data.schema import by_split
 from cmr.embeddings import SplitEmbeddings
 from cmr.losses import build_loss
-from cmr.models import TwoTowerHeads
 from cmr.retrieval.calibrate import TRANSDUCTIVE_SUFFIX
 from cmr.retrieval.evaluation import both_directions, positives_t2i
 from cmr.stages.calibrate import calibrate_test
+from cmr.studies._common import TwoTowerHeads
 from cmr.training.engine import head_embeddings, train_heads
 from cmr.training.features import FeatureSet, identity_vector, label_matrix
 

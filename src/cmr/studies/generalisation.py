@@ -24,11 +24,11 @@ import torch
 
 from cmr.config import Params
 from cmr.losses import build_loss
-from cmr.models import TwoTowerHeads, build_two_tower
+from cmr.models import build_two_tower
 from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.stages._common import log, resolve_device
 from cmr.studies import STUDIES, output_dir
-from cmr.studies._common import prepare, save_figure, write_table
+from cmr.studies._common import TwoTowerHeads, prepare, save_figure, write_table
 from cmr.studies.fanout import run_cells
 from cmr.training.engine import head_embeddings, train_heads
 from cmr.training.features import FeatureSet

@@ -43,10 +43,9 @@ from cmr.data.readers import READERS
 from cmr.data.schema import Item, by_split
 from cmr.errors import ConfigError
 from cmr.losses import build_loss
-from cmr.models import TwoTowerHeads
 from cmr.stages._common import log, resolve_device
 from cmr.studies import STUDIES, output_dir
-from cmr.studies._common import save_figure, start_model, write_table
+from cmr.studies._common import TwoTowerHeads, save_figure, start_model, write_table
 from cmr.studies.fanout import run_cells
 from cmr.training.engine import head_embeddings, train_heads
 from cmr.training.features import (FeatureSet, cache_key, cached_backbone_features, compute_backbone_features)
