@@ -37,3 +37,16 @@ def lite0():
 
     torch.manual_seed(0)
     return build_two_tower("lite0-minilm", embed_dim=64)
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    """A Prefect API and a 2-process LocalCluster whose workers report to it (``cmr.studies.fanout``)."""
+    from distributed import LocalCluster
+
+    from cmr.studies.fanout import prefect_api_for_workers
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
+    with prefect_api_for_workers():
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
+            yield local

@@ -1,6 +1,7 @@
 """Study cells on a task runner: sequential, or Prefect tasks on a Dask cluster (LocalCluster, 2 processes)."""
 from __future__ import annotations
 
+import io
 import os
 import sys
 import threading
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cmr.errors import ConfigError, UnknownNameError
-from cmr.studies.fanout import TASK_RUNNERS, parse_runner, prefect_api_for_workers, run_cells
+from cmr.studies.fanout import TASK_RUNNERS, parse_runner, run_cells
 
 WIKI = Path("/work/shared/datasets/wikipedia_cmr")
 
@@ -50,17 +51,30 @@ def test_sequential_runs_every_cell_in_order(tmp_path):
         run_cells(square, [{"x": 1, "attempts": str(tmp_path / "a"), "fail": "raise"}])
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_sequential_cells_show_a_bar_on_a_terminal_only(monkeypatch):
+    tty = _Terminal()
+    monkeypatch.setattr("sys.stderr", tty)
+    assert run_cells(square, [{"x": x} for x in range(3)], name="squares") == [{"x": x, "square": x * x}
+                                                                                for x in range(3)]
+    assert "squares" in tty.getvalue() and "0/3" in tty.getvalue()
+    pipe = io.StringIO()
+    monkeypatch.setattr("sys.stderr", pipe)
+    run_cells(square, [{"x": 1}], name="squares")
+    assert pipe.getvalue() == ""
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A Prefect API and a 2-process LocalCluster whose workers report to it."""
+def cluster(dask_cluster):
+    """The 2-process LocalCluster of conftest, able to run this file's cells."""
     import cloudpickle
-    from distributed import LocalCluster
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test file
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect"))
-    with prefect_api_for_workers():
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
-            yield local
+    return dask_cluster
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import torch
 from cmr.config import load_params
 from cmr.data.prepare import prepare_dataset
 from cmr.retrieval.calibrate import expected_texts_per_image
-from cmr.studies.calibration import CALIBRATORS, LOSSES, SETTINGS, temperature_grid
+from cmr.studies.calibration import CALIBRATORS, LOSSES, SETTINGS
+from cmr.studies.calibration_cells import temperature_grid
 
 
 def test_expected_texts_per_image_is_the_mean_count_of_the_nearest_training_images(shared_datasets):

@@ -1,5 +1,5 @@
 """Progress bars for the long loops (feature caching, training epochs, encoding, data checks,
-index builds).
+index builds, study cells).
 
 A bar shows the count done, the rate and the time left on stderr when stderr is a
 terminal, and nothing otherwise (DVC logs, CI, pipes stay clean). ``TQDM_DISABLE=1``

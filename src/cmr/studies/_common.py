@@ -1,15 +1,18 @@
-"""What the TBPS, generalisation and compression studies share: data, the model to start from, outputs."""
+"""What the studies share: data, the model to start from, the heads a cell trains, outputs."""
 from __future__ import annotations
 
+import copy
 import csv
 import io
 from pathlib import Path
 from typing import Sequence
 
+from torch import nn
+
 from cmr.config import Params
 from cmr.data.prepare import Prepared, prepare_dataset
 from cmr.io import atomic_path, write_text
-from cmr.models import build_two_tower, load_two_tower
+from cmr.models import TwoTower, build_two_tower, load_two_tower
 from cmr.training.fit import backbone_id
 
 
@@ -27,6 +30,27 @@ def start_model(p: Params, device: str):
         return load_two_tower(trained / "model", device=device), backbone_id(trained, p.model.arch, p.model.pretrained)
     bundle = build_two_tower(p.model.arch, pretrained=p.model.pretrained, embed_dim=p.model.embed_dim, device=device)
     return bundle, backbone_id(None, p.model.arch, p.model.pretrained)
+
+
+class TwoTowerHeads(nn.Module):
+    """Copies of the trainable part of a :class:`~cmr.models.TwoTower` with locked towers: both heads
+    and ``logit_scale``, with the head API that :func:`cmr.training.engine.train_heads` uses.
+
+    A study cell takes this instead of the model: it pickles to a worker in kilobytes where the
+    towers weigh about 100 MB, and training it changes nothing in ``model``.
+    head_image: backbone features [B, F_i] -> [B, D] unit rows; head_text: [B, F_t] -> [B, D].
+    """
+
+    def __init__(self, model: TwoTower):
+        super().__init__()
+        self.image_head = copy.deepcopy(model.image_head)
+        self.text_head = copy.deepcopy(model.text_head)
+        self.logit_scale = nn.Parameter(model.logit_scale.detach().clone(),
+                                        requires_grad=model.logit_scale.requires_grad)
+        self.embed_dim = model.embed_dim
+
+    head_image = TwoTower.head_image
+    head_text = TwoTower.head_text
 
 
 def fmt(v) -> str:

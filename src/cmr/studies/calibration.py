@@ -35,6 +35,11 @@ and the true bank counts for the bank's own images; image->text rows are weighte
 bank image's texts, so both sides count (image, text) pairs. It was added after the query-bank
 Sinkhorn missed this study's target; it is a separate row, the NCL row is unchanged.
 
+Cells. Each split of each dataset is one independent cell
+(:func:`~cmr.studies.calibration_cells.split_cell`: both losses x every seed x every calibrator),
+run by ``p.task_runner`` (:mod:`cmr.studies.fanout`); the backbone features are computed once per
+dataset on the driver first, and MLflow is written on the driver after every cell returned.
+
 Datasets: openclipart (the full shared folder as read by the ``openclipart`` reader:
 1-2 texts per image; ``--quick`` uses the embedded 2,250-item subset instead) and
 GCompris (1-3 texts per image: the only source in ../shared/datasets with several
@@ -43,66 +48,32 @@ texts for many images; tuxpaint has one English text per stamp).
 from __future__ import annotations
 
 import collections
-import copy
 import csv
 import math
 import os
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from cmr.config import Params
-from cmr.data.prepare import Prepared, prepare_dataset
-from cmr.data.schema import by_split
-from cmr.embeddings import SplitEmbeddings
+from cmr.data.prepare import prepare_dataset
 from cmr.errors import CmrError
 from cmr.io import atomic_path, write_text
-from cmr.losses import build_loss
 from cmr.models import build_two_tower
-from cmr.progress import progress
 from cmr.retrieval.calibrate import MARGINAL_NEIGHBOURS, TRANSDUCTIVE_SUFFIX
-from cmr.retrieval.evaluation import both_directions, positives_t2i
 from cmr.stages._common import log, resolve_device
-from cmr.stages.calibrate import DIRECTIONS, calibrate_test
+from cmr.stages.calibrate import DIRECTIONS
 from cmr.studies import STUDIES, output_dir
-from cmr.training.engine import head_embeddings, train_heads
-from cmr.training.features import FeatureSet, identity_vector, label_matrix
+from cmr.studies._common import TwoTowerHeads
+from cmr.studies.calibration_cells import (CALIBRATORS, KS, LOSSES, QUICK_MULTIPLES, SETTINGS, SPLITS,
+                                           TEMPERATURE_MULTIPLES, pooled_features, resplit, split_cell)
+from cmr.studies.fanout import run_cells
 from cmr.training.fit import backbone_id, split_features
 
-CALIBRATORS = ("none", "dsl", "qbnorm", "inverted_softmax", "sinkhorn_uniform", "sinkhorn", "sinkhorn_dual")
-SETTINGS = ("inductive", "transductive")
-LOSSES = ("infonce", "ncl")
 SEEDS = (0, 1, 2)
 #: splits per dataset (``--splits``): offsets 0 .. N-1 from the pipeline's ``data.split_seed``
 #: (0 = its own split)
 SPLITS_DEFAULT = 20
-SPLITS = ("train", "val", "test")
-KS = (1, 5, 10)
-#: Temperatures tried, as multiples of the model's own (1 / logit scale), the same for
-#: every calibrator (Sinkhorn epsilon, DSL temperature, QB-Norm / inverted-softmax 1/beta).
-TEMPERATURE_MULTIPLES = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
-QUICK_MULTIPLES = (0.5, 1.0, 2.0)
-
-
-@dataclass(frozen=True)
-class Spec:
-    """A study calibrator: the registered method, its temperature option and the marginal it uses."""
-    method: str
-    option: str | None           # the temperature-like option, None for 'none'
-    inverse: bool = False        # option is 1 / temperature (beta)
-    estimated_marginal: bool = False
-    target_bank: bool = False    # inductive only: the bank's own gallery joins the transport problem
-
-
-SPECS = {"none": Spec("none", None), "dsl": Spec("dsl", "temperature"),
-         "qbnorm": Spec("qbnorm", "beta", inverse=True),
-         "inverted_softmax": Spec("inverted_softmax", "beta", inverse=True),
-         "sinkhorn_uniform": Spec("sinkhorn", "epsilon"),
-         "sinkhorn": Spec("sinkhorn", "epsilon", estimated_marginal=True),
-         "sinkhorn_dual": Spec("sinkhorn", "epsilon", estimated_marginal=True, target_bank=True)}
 
 
 def datasets(p: Params, quick: bool = False) -> dict[str, tuple[str, str]]:
@@ -116,126 +87,60 @@ def datasets(p: Params, quick: bool = False) -> dict[str, tuple[str, str]]:
     return {**first, "gcompris": ("gcompris", str(shared / "gcompris"))}
 
 
-def temperature_grid(name: str, temperature: float, multiples=TEMPERATURE_MULTIPLES) -> dict[str, list[float]]:
-    """Option grid of calibrator ``name`` around the model's ``temperature``."""
-    spec = SPECS[name]
-    if spec.option is None:
-        return {}
-    temps = [round(temperature * m, 6) for m in multiples]
-    return {spec.option: [round(1.0 / t, 4) if spec.inverse else t for t in temps]}
+def dataset_cells(p: Params, reader: str, source: str, seeds, epochs: int, multiples, device: str,
+                  split_seeds) -> tuple[list[dict], list[int], str]:
+    """The cells of one dataset, as keyword arguments of :func:`split_cell` (one a split seed offset in
+    ``split_seeds``), their split seeds, and the dataset's data version.
 
-
-def _reset_heads(model, initial_state: dict, seed: int) -> None:
-    """The model as built, with heads freshly initialised from ``seed``."""
-    model.load_state_dict(initial_state)
-    torch.manual_seed(seed)
-    for head in (model.image_head, model.text_head):
-        for module in head.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-
-
-def _embed(model, fs: FeatureSet, device: str) -> SplitEmbeddings:
-    image, text = head_embeddings(model, fs, device)
-    return SplitEmbeddings(image, text, fs.text_item, [], [], fs.labels, fs.identity)
-
-
-def evaluate_calibrators(emb: dict[str, SplitEmbeddings], temperature: float, multiples, level: str,
-                         max_bank: int, seed: int) -> dict[tuple[str, str], dict]:
-    """(setting, calibrator) -> {"metrics": test metrics, "chosen": per-direction choice made on validation}.
-
-    The transductive setting has no 'none' cell (it is the inductive one: no bank) and no
-    'sinkhorn_dual' cell (the test queries' own gallery is the gallery)."""
-    test, train = emb["test"], emb["train"]
-    pos = positives_t2i(test.text_item, test.image.shape[0], level, test.labels, test.identity)
-    out = {}
-    for setting in SETTINGS:
-        transductive = setting == "transductive"
-        for name in CALIBRATORS:
-            spec = SPECS[name]
-            if transductive and (name == "none" or spec.target_bank):
-                continue
-            picked, calibrated, _ = calibrate_test(spec.method, temperature_grid(name, temperature, multiples),
-                                                   emb["val"], test, train, train, transductive, max_bank, seed,
-                                                   level, KS, estimate_marginal=spec.estimated_marginal,
-                                                   target_bank=spec.target_bank)
-            chosen = {d: {"method": c.method, "options": c.options} for d, c in picked.items()}
-            # every metric of the setting carries its label, also where validation kept 'none'
-            metrics = both_directions(calibrated["t2i"].float(), calibrated["i2t"].float(), pos, KS,
-                                      suffix=TRANSDUCTIVE_SUFFIX if transductive else "")
-            out[setting, name] = {"metrics": metrics, "chosen": chosen}
-    return out
-
-
-def pooled_features(prepared: Prepared, features: dict[str, FeatureSet]) -> tuple[FeatureSet, dict[str, int]]:
-    """One FeatureSet of every item of ``prepared`` (its splits' features stacked) and each item id's row."""
-    items = [it for split in SPLITS for it in by_split(prepared.items, split)]
-    offsets, n = [], 0
-    for split in SPLITS:
-        offsets.append(n)
-        n += features[split].image.shape[0]
-    pool = FeatureSet(torch.cat([features[s].image for s in SPLITS]), torch.cat([features[s].text for s in SPLITS]),
-                      torch.cat([features[s].text_item + o for s, o in zip(SPLITS, offsets)]),
-                      label_matrix(items, prepared.label_set), identity_vector(items))
-    return pool, {it.id: row for row, it in enumerate(items)}
-
-
-def resplit(pool: FeatureSet, row_of: dict[str, int], prepared: Prepared) -> dict[str, FeatureSet]:
-    """The features of each split of ``prepared`` (same items as the pool, other split seed)."""
-    return {s: pool.subset([row_of[it.id] for it in by_split(prepared.items, s)]) for s in SPLITS}
-
-
-def run_dataset(p: Params, name: str, reader: str, source: str, seeds, epochs: int, multiples,
-                device: str, split_seeds) -> tuple[list[dict], str]:
-    """Cells of one dataset (every split seed offset in ``split_seeds``), and its data version."""
+    Backbone features are computed (or read from the cache) here, once for the dataset; other
+    splits take them by item id."""
     d = p.data
     options = {} if reader != d.reader else d.options
     base = prepare_dataset(reader, source, options, d.val_fraction, d.test_fraction, d.split_seed)
     m = p.model
     bundle = build_two_tower(m.arch, pretrained=m.pretrained, embed_dim=m.embed_dim, device=device)
-    model = bundle.model
-    model.lock_image_tower()
-    model.lock_text_tower()
+    bundle.model.lock_image_tower()
+    bundle.model.lock_text_tower()
+    heads = TwoTowerHeads(bundle.model)
     bid = backbone_id(None, m.arch, m.pretrained)
     pool, row_of = pooled_features(base, {s: split_features(bundle, base, s, bid, device, p.paths.cache)
                                           for s in SPLITS})
-    initial = copy.deepcopy(model.state_dict())
     t = p.pretrain
-    cells = []
+    cells, split_seed_of = [], []
     for offset in split_seeds:
         split_seed = d.split_seed + offset
         prepared = base if offset == 0 else prepare_dataset(reader, source, options, d.val_fraction,
                                                             d.test_fraction, split_seed)
         if offset and [it.split for it in prepared.items] == [it.split for it in base.items]:
-            log(f"study calibration: {name} brings its own train/val/test split; one split, not {len(split_seeds)}")
+            log(f"study calibration: {source} brings its own train/val/test split; one split, not {len(split_seeds)}")
             break
-        features = resplit(pool, row_of, prepared)
-        for loss_name in progress(LOSSES, len(LOSSES), f"{name} split {split_seed}", unit="loss"):
-            for seed in seeds:
-                _reset_heads(model, initial, seed)
-                loss_fn = build_loss({loss_name: 1.0}, t.loss_options, model.embed_dim, len(prepared.label_set))
-                trained = train_heads(model, loss_fn, features["train"], features["val"], epochs=epochs,
-                                      batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
-                                      select_metric=t.select_metric, seed=seed, device=device,
-                                      level=p.evaluate.level, ks=KS, log=lambda _msg: None)
-                emb = {s: _embed(model, fs, device) for s, fs in features.items()}
-                temperature = 1.0 / float(model.logit_scale.detach().exp())
-                results = evaluate_calibrators(emb, temperature, multiples, p.evaluate.level, p.calibrate.max_bank,
-                                               seed)
-                for (setting, cal), r in results.items():
-                    cells.append({"name": f"{name}/split{split_seed}/{loss_name}/{setting}/{cal}/seed{seed}",
-                                  "params": {"dataset": name, "split_seed": split_seed, "loss": loss_name,
-                                             "setting": setting, "calibrator": cal, "seed": seed, "epochs": epochs,
-                                             "best_epoch": trained.best_epoch, "temperature": round(temperature, 5),
-                                             "test_images": int(emb["test"].image.shape[0]),
-                                             "chosen": r["chosen"]},
-                                  "metrics": r["metrics"]})
-                log(f"study calibration: {name} split {split_seed} {loss_name} seed {seed} (T {temperature:.3f}), "
-                    "test R@1 t2i/i2t: "
-                    + ", ".join(f"{c}{'@tr' if s == 'transductive' else ''} "
-                                f"{100 * r['metrics']['t2i/R@1' + _suffix(s)]:.1f}/"
-                                f"{100 * r['metrics']['i2t/R@1' + _suffix(s)]:.1f}" for (s, c), r in results.items()))
-    return cells, base.info["data_version"]
+        cells.append(dict(heads=heads, features=resplit(pool, row_of, prepared), n_classes=len(prepared.label_set),
+                          seeds=tuple(seeds), loss_options=t.loss_options, epochs=epochs, batch_size=t.batch_size,
+                          lr=t.lr, weight_decay=t.weight_decay, select_metric=t.select_metric,
+                          level=p.evaluate.level, multiples=tuple(multiples), max_bank=p.calibrate.max_bank,
+                          device=device))
+        split_seed_of.append(split_seed)
+    return cells, split_seed_of, base.info["data_version"]
+
+
+def study_cells(name: str, split_seed: int, epochs: int, trained: list[dict]) -> list[dict]:
+    """MLflow cells (name, params, metrics) of one split's :func:`split_cell` result, and a log line a pair."""
+    cells = []
+    for pair in trained:
+        loss_name, seed, results = pair["loss"], pair["seed"], pair["results"]
+        for (setting, cal), r in results.items():
+            cells.append({"name": f"{name}/split{split_seed}/{loss_name}/{setting}/{cal}/seed{seed}",
+                          "params": {"dataset": name, "split_seed": split_seed, "loss": loss_name,
+                                     "setting": setting, "calibrator": cal, "seed": seed, "epochs": epochs,
+                                     "best_epoch": pair["best_epoch"], "temperature": round(pair["temperature"], 5),
+                                     "test_images": pair["test_images"], "chosen": r["chosen"]},
+                          "metrics": r["metrics"]})
+        log(f"study calibration: {name} split {split_seed} {loss_name} seed {seed} (T {pair['temperature']:.3f}), "
+            "test R@1 t2i/i2t: "
+            + ", ".join(f"{c}{'@tr' if s == 'transductive' else ''} "
+                        f"{100 * r['metrics']['t2i/R@1' + _suffix(s)]:.1f}/"
+                        f"{100 * r['metrics']['i2t/R@1' + _suffix(s)]:.1f}" for (s, c), r in results.items()))
+    return cells
 
 
 COLUMNS = [f"{d}/R@{k}" for d in DIRECTIONS for k in KS]
@@ -437,11 +342,15 @@ def run(p: Params, quick: bool = False, out_dir: str | Path | None = None, split
     seeds, epochs, multiples = ((SEEDS[:1], 2, QUICK_MULTIPLES) if quick
                                 else (SEEDS, p.pretrain.epochs, TEMPERATURE_MULTIPLES))
     splits = tuple(range(splits if splits is not None else 1 if quick else SPLITS_DEFAULT))
-    cells, versions = [], {}
+    specs, labels, versions = [], [], {}
     for name, (reader, source) in datasets(p, quick).items():
-        dataset_cells, versions[f"data_version.{name}"] = run_dataset(p, name, reader, source, seeds, epochs,
-                                                                      multiples, device, splits)
-        cells += dataset_cells
+        found, split_seeds, versions[f"data_version.{name}"] = dataset_cells(p, reader, source, seeds, epochs,
+                                                                             multiples, device, splits)
+        specs += found
+        labels += [(name, split_seed) for split_seed in split_seeds]
+    cells = []
+    for (name, split_seed), trained in zip(labels, run_cells(split_cell, specs, p.task_runner, name="calibration")):
+        cells += study_cells(name, split_seed, epochs, trained)
     rows = summarise(cells)
     # another dataset's study (params/flickr8k.yaml) never overwrites the default one's tables
     name = "calibration" if p.data.reader == "openclipart" else f"calibration-{p.data.reader}"
@@ -458,7 +367,7 @@ def run(p: Params, quick: bool = False, out_dir: str | Path | None = None, split
                        params={"quick": quick, "seeds": list(seeds), "epochs": epochs,
                                "split_seeds": [p.data.split_seed + o for o in splits],
                                "temperature_multiples": list(multiples), "neighbours": MARGINAL_NEIGHBOURS,
-                               "wall_s": round(wall, 1)}, tags=versions)
+                               "wall_s": round(wall, 1), "task_runner": p.task_runner}, tags=versions)
     log(f"study calibration: {len(cells)} cells in {wall:.0f} s -> {out} (MLflow run {run_id})")
     return {"rows": rows, "target": target, "run_id": run_id, "out_dir": str(out), "wall_s": wall,
             "cells": len(cells)}

@@ -8,6 +8,11 @@
 * ``clip4cmr_sensitivity``: one-at-a-time sweeps of learning rate, batch size,
   temperature and embedding dim around the setting chosen on validation.
 
+Cells: every training is one call of :func:`~cmr.studies.wikipedia.train_objective`, run on
+``p.task_runner`` (:mod:`cmr.studies.fanout`) in two waves, since the second depends on the
+first: the grid searched on validation for each dataset (and objective), then every cell at the
+setting it chose (imbalance: side x percent x seed; sensitivity: each swept value).
+
 Both report class-level mAP (whole gallery, label relevance) on the test split;
 every choice is made on validation. The raw dataset is ``params.yaml``'s ``data``
 section (default: the embedded openclipart_mini, categories as classes) seen through
@@ -21,6 +26,7 @@ import torch
 
 from cmr.studies import STUDIES, output_dir
 from cmr.studies._common import save_figure, write_table
+from cmr.studies.fanout import run_cells
 from cmr.studies.wikipedia import grid, mean_std, train_objective, wikipedia_splits
 from cmr.training.features import FeatureSet
 
@@ -89,20 +95,32 @@ def drop_modality(train: FeatureSet, side: str, percent: int, seed: int) -> tupl
     return paired, {"image": (train.image[dropped], train.labels[dropped])}
 
 
-def _select_center(splits, losses, tau_kind, seed, quick) -> dict:
-    """Best setting on validation over the Wikipedia grid at embed_dim 256 (dim is swept separately)."""
+def _center_settings(tau_kind, quick) -> list[dict]:
+    """The Wikipedia grid at embed_dim 256 (dim is swept separately), searched on validation."""
     settings = [hp for hp in grid(tau_kind, quick) if hp["embed_dim"] == 256 or quick]
-    if quick:
-        settings = [dict(s, epochs=3) for s in settings]
-    scored = [(train_objective(splits, losses, hp, seed)[0]["avg"], i) for i, hp in enumerate(settings)]
-    return settings[max(scored)[1]]
+    return [dict(s, epochs=3) for s in settings] if quick else settings
+
+
+def _select_centers(searches: dict, quick: bool, seed: int, runner: str, name: str) -> dict:
+    """key -> the best setting on validation, for ``searches``: key -> (splits, losses, tau kind); every
+    grid point of every search is one cell (one wave)."""
+    grids = {key: _center_settings(tau_kind, quick) for key, (_s, _l, tau_kind) in searches.items()}
+    cells = [dict(splits=searches[key][0], losses=searches[key][1], hp=hp, seed=seed)
+             for key, settings in grids.items() for hp in settings]
+    done = iter(run_cells(train_objective, cells, runner, name=f"{name}-select"))
+    best = {}
+    for key, settings in grids.items():
+        scored = [(next(done)[0]["avg"], i) for i in range(len(settings))]
+        best[key] = settings[max(scored)[1]]
+    return best
 
 
 def _mlflow(p, study, cells, files, tags, seconds, quick):
     from cmr.tracking.study import log_study
 
     return log_study(uri=p.tracking.uri, experiment=p.tracking.experiment, study=study, cells=cells,
-                     artifacts=files, params={"quick": quick, "seconds": round(seconds, 1)}, tags=tags)
+                     artifacts=files, params={"quick": quick, "seconds": round(seconds, 1),
+                                              "task_runner": p.task_runner}, tags=tags)
 
 
 @STUDIES.register("clip4cmr_imbalance")
@@ -114,18 +132,29 @@ def run_imbalance(p, quick: bool = False) -> dict:
     t0 = time.perf_counter()
     percents = (100, 30, 10) if quick else PERCENTS
     seeds = [0] if quick else [0, 1, 2]
-    cells, rows, curves, tags = [], [], {}, {}
-    for dname, (splits, version) in datasets(p, quick).items():
-        tags[f"data_version/{dname}"] = version
-        for oname, (losses, tau_kind) in IMBALANCE_OBJECTIVES.items():
-            hp = _select_center(splits, losses, tau_kind, p.seed, quick)
+    cells, rows, curves = [], [], {}
+    data = datasets(p, quick)
+    tags = {f"data_version/{dname}": version for dname, (_splits, version) in data.items()}
+    center = _select_centers({(dname, oname): (splits, losses, tau_kind) for dname, (splits, _v) in data.items()
+                              for oname, (losses, tau_kind) in IMBALANCE_OBJECTIVES.items()},
+                             quick, p.seed, p.task_runner, "clip4cmr_imbalance")
+    keys = [(dname, oname, side, pct, seed) for dname in data for oname in IMBALANCE_OBJECTIVES
+            for side in ("image", "text") for pct in percents for seed in seeds]
+    specs = []
+    for dname, oname, side, pct, seed in keys:
+        splits = data[dname][0]
+        paired, unpaired = drop_modality(splits["train"], side, pct, seed)
+        specs.append(dict(splits={**splits, "train": paired}, losses=IMBALANCE_OBJECTIVES[oname][0],
+                          hp=center[dname, oname], seed=seed, unpaired=unpaired))
+    done = iter(run_cells(train_objective, specs, p.task_runner, name="clip4cmr_imbalance"))
+    for dname in data:
+        for oname in IMBALANCE_OBJECTIVES:
+            hp = center[dname, oname]
             for side in ("image", "text"):
                 for pct in percents:
                     tests = []
                     for seed in seeds:
-                        paired, unpaired = drop_modality(splits["train"], side, pct, seed)
-                        _val, test, epoch = train_objective({**splits, "train": paired}, losses, hp, seed,
-                                                            unpaired=unpaired)
+                        _val, test, epoch = next(done)
                         tests.append(test["avg"])
                         cells.append({"name": f"{dname}/{oname}/{side}{pct}/seed{seed}",
                                       "params": {"dataset": dname, "objective": oname, "side": side,
@@ -166,15 +195,21 @@ def run_sensitivity(p, quick: bool = False) -> dict:
     t0 = time.perf_counter()
     oname, losses, tau_kind = SENSITIVITY_OBJECTIVE
     sweeps = {k: v[1::2] for k, v in SWEEPS.items()} if quick else SWEEPS
-    cells, rows, curves, tags, spread = [], [], {}, {}, {}
-    for dname, (splits, version) in datasets(p, quick).items():
-        tags[f"data_version/{dname}"] = version
-        center = _select_center(splits, losses, tau_kind, p.seed, quick)
+    cells, rows, curves, spread = [], [], {}, {}
+    data = datasets(p, quick)
+    tags = {f"data_version/{dname}": version for dname, (_splits, version) in data.items()}
+    centers = _select_centers({dname: (splits, losses, tau_kind) for dname, (splits, _v) in data.items()},
+                              quick, p.seed, p.task_runner, "clip4cmr_sensitivity")
+    specs = [dict(splits=splits, losses=losses, hp=dict(centers[dname], **{knob: value}), seed=p.seed)
+             for dname, (splits, _v) in data.items() for knob, values in sweeps.items() for value in values]
+    done = iter(run_cells(train_objective, specs, p.task_runner, name="clip4cmr_sensitivity"))
+    for dname in data:
+        center = centers[dname]
         for knob, values in sweeps.items():
             pts = []
             for value in values:
                 hp = dict(center, **{knob: value})
-                val, test, epoch = train_objective(splits, losses, hp, p.seed)
+                val, test, epoch = next(done)
                 pts.append((value, val["avg"], test["avg"]))
                 cells.append({"name": f"{dname}/{knob}={value}", "params": {"dataset": dname, "knob": knob, **hp},
                               "metrics": {"val/mAP": val["avg"], "test/mAP": test["avg"], "test/i2t_mAP": test["i2t"],

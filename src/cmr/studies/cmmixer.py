@@ -15,6 +15,11 @@ reported. Transfer rows: the best mixer's pre-trained encoder fine-tuned for ima
 (``gcompris_spoken_words``: a picture's recordings in every language are its matches) and audio <-> image
 digits (``fsdd_digits``, AV-MNIST style), both at class level, each against random init. ``av_clips_small`` (less its Big Buck Bunny clips, which repeat
 ``av_films``) is a zero-shot test of the av_films retrievers.
+
+Cells run on ``p.task_runner`` (:mod:`cmr.studies.fanout`) in waves, each waiting on the one before:
+every (recipe, seed) of the main table (:func:`recipe_cell`); the best mixer's mask ratios, chosen
+from the first wave's validation rsum; the transfer fine-tunes (:func:`transfer_cell`), which
+start from the first wave's encoders. The zero-shot rows only encode, on the driver.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from cmr.stages._methods import media_spec
 from cmr.stages.evaluate import random_baseline
 from cmr.studies import STUDIES, output_dir
 from cmr.studies._common import prepare, save_figure, write_table
+from cmr.studies.fanout import run_cells
 from cmr.training.av_fit import level_labels, pair_items, split_media, streams, truth
 from cmr.tracking.study import log_study
 
@@ -114,6 +120,30 @@ def _finetune(d: PairData, state, *, arch, embed_dim, seed, epochs, b: Budget, d
     return model, result
 
 
+def recipe_cell(data: PairData, which: dict, recipe: tuple | None, seed: int, *, embed_dim: int, arch: str,
+                b: Budget, device: str, amp: bool) -> dict:
+    """One (recipe, seed) of the main table: pre-training by ``recipe`` ((mixer, mask ratio, streams), or
+    None for none), the retriever fine-tuned from it, test scores. Returns {"row": numbers of the table
+    row, "encoder": the pre-trained encoder's state (None without pre-training), "retriever": the model}."""
+    t0 = time.perf_counter()
+    kw = dict(arch=arch, b=b, device=device, amp=amp)
+    state, pre_epoch = (None, 0) if recipe is None else _pretrain(data, which, mixer=recipe[0], mask_ratio=recipe[1],
+                                                                  on=recipe[2], seed=seed, **kw)
+    model, result = _finetune(data, state, embed_dim=embed_dim, seed=seed, epochs=b.finetune_epochs, **kw)
+    test = data.scores(model, "test", device)
+    row = {"pretrain best epoch": pre_epoch, "finetune best epoch": result.best_epoch, "val rsum": result.best["rsum"],
+           **{f"test {m}": test[m] for m in REPORTED}, "seconds": time.perf_counter() - t0}
+    return {"row": row, "encoder": state, "retriever": model}
+
+
+def transfer_cell(data: PairData, state: dict | None, seed: int, *, embed_dim: int, arch: str, b: Budget, device: str,
+                  amp: bool) -> dict:
+    """A retriever on a transfer set fine-tuned from ``state`` (None: random init): val rsum and test scores."""
+    model, result = _finetune(data, state, arch=arch, embed_dim=embed_dim, seed=seed, epochs=b.transfer_epochs, b=b,
+                              device=device, amp=amp)
+    return {"val rsum": result.best["rsum"], "test": data.scores(model, "test", device)}
+
+
 def _summary(cells: list[dict], key: str) -> list[dict]:
     """One row per recipe: mean and std over seeds of every reported test metric, and of val rsum."""
     rows = []
@@ -152,31 +182,24 @@ def run(p: Params, quick: bool = False) -> dict:
     recipes |= {m: (m, 0.75, ("video", "audio")) for m in (("cutmix",) if quick else MIXER_ROWS)}
     cells, encoders, retrievers = [], {}, {}
 
-    def cell(name: str, recipe, seed: int) -> None:
-        t0 = time.perf_counter()
-        state, pre_epoch = (None, 0) if recipe is None else _pretrain(main, which, mixer=recipe[0],
-                                                                      mask_ratio=recipe[1], on=recipe[2], seed=seed,
-                                                                      **kw)
-        encoders[(name, seed)] = state
-        model, result = _finetune(main, state, embed_dim=p.model.embed_dim, seed=seed, epochs=b.finetune_epochs, **kw)
-        retrievers[(name, seed)] = model
-        test = main.scores(model, "test", device)
-        cells.append({"recipe": name, "seed": seed, "pretrain best epoch": pre_epoch,
-                      "finetune best epoch": result.best_epoch, "val rsum": result.best["rsum"],
-                      **{f"test {m}": test[m] for m in REPORTED}, "seconds": time.perf_counter() - t0})
-        log(f"cmmixer study: {name} seed {seed}: val rsum {result.best['rsum']:.1f}, test rsum {test['rsum']:.1f} "
-            f"({cells[-1]['seconds']:.0f} s)")
+    def wave(jobs: list[tuple[str, tuple | None, int]], label: str) -> None:
+        """(row name, recipe, seed) cells, run on p.task_runner; rows, encoders and retrievers kept in order."""
+        done = run_cells(recipe_cell, [dict(data=main, which=which, recipe=recipe, seed=seed,
+                                            embed_dim=p.model.embed_dim, **kw) for _n, recipe, seed in jobs],
+                         p.task_runner, name=label)
+        for (name, _recipe, seed), out in zip(jobs, done):
+            cells.append({"recipe": name, "seed": seed, **out["row"]})
+            encoders[(name, seed)], retrievers[(name, seed)] = out["encoder"], out["retriever"]
+            log(f"cmmixer study: {name} seed {seed}: val rsum {out['row']['val rsum']:.1f}, "
+                f"test rsum {out['row']['test rsum']:.1f} ({out['row']['seconds']:.0f} s)")
 
-    for seed in seeds:
-        for name, recipe in recipes.items():
-            cell(name, recipe, seed)
+    wave([(name, recipe, seed) for seed in seeds for name, recipe in recipes.items()], "cmmixer")
     # the mask ratio of the best mixer, chosen by mean validation rsum (never the test numbers)
     mixers = [r for r in _summary(cells, "recipe") if r["recipe"] in MIXER_ROWS]
     best = max(mixers, key=lambda r: r["val rsum"])["recipe"]
     if not quick:
-        for ratio in (0.5, 0.9):
-            for seed in seeds:
-                cell(f"{best} mask {ratio}", (best, ratio, ("video", "audio")), seed)
+        wave([(f"{best} mask {ratio}", (best, ratio, ("video", "audio")), seed) for ratio in (0.5, 0.9)
+              for seed in seeds], "cmmixer-mask")
     rows = _summary(cells, "recipe")
     random_row = {"recipe": "random ranking", "seeds": 1,
                   **{f"test {m}": v for m, v in main.random("test", p.seed).items() if m in REPORTED}}
@@ -196,16 +219,16 @@ def _transfer(p: Params, quick: bool, best: str, encoders: dict, seeds: list[int
     for name, (reader, level) in sets.items():
         data = PairData.load(name, prepare(p, reader, str(shared / name), {}), "image", "audio", level, spec, cache,
                              max_train=kw["b"].transfer_pairs, seed=p.seed)
-        for init in ("scratch", f"{best} (av_films)"):
-            for seed in seeds:
-                state = None if init == "scratch" else encoders[(best, seed)]
-                model, result = _finetune(data, state, embed_dim=p.model.embed_dim, seed=seed,
-                                          epochs=kw["b"].transfer_epochs, **kw)
-                test = data.scores(model, "test", kw["device"])
-                out.append({"dataset": name, "init": init, "seed": seed, "level": level,
-                            "val rsum": result.best["rsum"], "test rsum": test["rsum"], "test mAP": test["mAP"],
-                            "test t2i/R@1": test["t2i/R@1"], "test i2t/R@1": test["i2t/R@1"]})
-                log(f"cmmixer study: transfer {name} {init} seed {seed}: test rsum {test['rsum']:.1f}")
+        jobs = [(init, seed) for init in ("scratch", f"{best} (av_films)") for seed in seeds]
+        done = run_cells(transfer_cell, [dict(data=data, state=None if init == "scratch" else encoders[(best, seed)],
+                                              seed=seed, embed_dim=p.model.embed_dim, **kw) for init, seed in jobs],
+                         p.task_runner, name=f"cmmixer-{name}")
+        for (init, seed), result in zip(jobs, done):
+            test = result["test"]
+            out.append({"dataset": name, "init": init, "seed": seed, "level": level, "val rsum": result["val rsum"],
+                        "test rsum": test["rsum"], "test mAP": test["mAP"], "test t2i/R@1": test["t2i/R@1"],
+                        "test i2t/R@1": test["i2t/R@1"]})
+            log(f"cmmixer study: transfer {name} {init} seed {seed}: test rsum {test['rsum']:.1f}")
         rnd = data.random("test", p.seed)
         out.append({"dataset": name, "init": "random ranking", "seed": "-", "level": level, "test rsum": rnd["rsum"],
                     "test mAP": rnd["mAP"], "test t2i/R@1": rnd["t2i/R@1"], "test i2t/R@1": rnd["i2t/R@1"]})
@@ -257,7 +280,8 @@ def _report(p, quick, b, main, rows, random_row, transfer, zero_shot, cells, bes
               cells=[{"name": f"{c['recipe']} seed {c['seed']}", "params": {"recipe": c["recipe"], "seed": c["seed"]},
                       "metrics": {k: v for k, v in c.items() if isinstance(v, (int, float)) and k != "seed"}}
                      for c in cells],
-              artifacts=artifacts, params={"quick": quick, "budget": b.__dict__, "dataset": main.name, "best": best})
+              artifacts=artifacts, params={"quick": quick, "budget": b.__dict__, "dataset": main.name, "best": best,
+                                           "task_runner": p.task_runner})
     return {"rows": rows, "random": random_row, "transfer": transfer, "zero_shot": zero_shot, "best": best,
             "wall_seconds": time.perf_counter() - t_start}
 

@@ -5,6 +5,12 @@ copy, a text student with fewer MiniLM layers distilled from the teacher on the 
 captions, and that student quantised. Quality is instance-level R@1/5/10 on the test
 split of ``p.data`` (openclipart_mini by default); speed is items/s in this process, same
 batch size for every row, best of ``repeats`` passes.
+
+Cells: the four measured rows (:func:`measure`) are independent and run on ``p.task_runner``
+(:mod:`cmr.studies.fanout`); the distillation that the student rows need runs before them, on
+the driver. Speed is timed where a row runs: on a Dask cluster beside other cells, so the speed
+columns compare rows only when each ran alone on like workers (the sequential runner, or a
+one-worker cluster); sizes and retrieval quality are the same on any runner.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.stages._common import log
 from cmr.studies import STUDIES, output_dir
 from cmr.studies._common import prepare, save_figure, start_model, write_table
+from cmr.studies.fanout import run_cells
 from cmr.training.features import load_image, texts_of
 from cmr.training.fit import split_features
 from cmr.tracking.study import log_study
@@ -33,8 +40,13 @@ def _text_tower_mb(model) -> float:
 
 
 def measure(name: str, model, tokenizer, test_texts, text_item, image_feats, pixels, speed_texts, teacher_txt,
-            batch_size, repeats) -> dict:
-    """One row: sizes, throughput and test retrieval of ``model`` (CPU)."""
+            batch_size, repeats, int8: bool = False) -> dict:
+    """One row: sizes, throughput and test retrieval of ``model`` (CPU), or with ``int8`` of its dynamic
+    int8 copy (made here, so a cell ships the float model). ``model`` itself is not changed.
+
+    image_feats: test backbone image features [N, F_i]; pixels: [P, 3, H, W] for the image speed;
+    teacher_txt: the teacher's test text embeddings [T, D] (``cos_to_teacher``)."""
+    model = quantize_int8(model) if int8 else model
     model.eval()
     txt = encode_texts(model, tokenizer, test_texts, batch_size)
     with torch.no_grad():
@@ -75,14 +87,15 @@ def run(p: Params, quick: bool = False) -> dict:
     history = distill_text(student, teacher, tok, train_texts, epochs=epochs, batch_size=batch_size, lr=5e-5,
                            seed=p.seed, device=device, log=log)
     distill_s = time.perf_counter() - t0
-    variants = [("teacher fp32", teacher), ("teacher int8 (dynamic)", quantize_int8(teacher)),
-                (f"student {len(keep)}L fp32 (distilled)", student),
-                (f"student {len(keep)}L int8", quantize_int8(student))]
-    rows = []
-    for name, model in variants:
-        rows.append(measure(name, model, tok, test_texts, text_item, image_feats, pixels, speed_texts, teacher_txt,
-                            batch_size, repeats))
-        log(f"compression: {rows[-1]}")
+    variants = [("teacher fp32", teacher, False), ("teacher int8 (dynamic)", teacher, True),
+                (f"student {len(keep)}L fp32 (distilled)", student, False),
+                (f"student {len(keep)}L int8", student, True)]
+    shared = dict(tokenizer=tok, test_texts=test_texts, text_item=text_item, image_feats=image_feats, pixels=pixels,
+                  speed_texts=speed_texts, teacher_txt=teacher_txt, batch_size=batch_size, repeats=repeats)
+    rows = run_cells(measure, [dict(shared, name=name, model=model, int8=int8) for name, model, int8 in variants],
+                     p.task_runner, name="compression")
+    for row in rows:
+        log(f"compression: {row}")
 
     out = output_dir("compression", quick)
     artifacts = write_table(out, rows, COLUMNS, f"Compression on {prepared.info['name']} test "
@@ -103,6 +116,7 @@ def run(p: Params, quick: bool = False) -> dict:
               "metrics": {k: v for k, v in r.items() if k != "model"}} for r in rows]
     log_study(uri=p.tracking.uri, experiment=p.tracking.experiment, study="compression", cells=cells,
               artifacts=artifacts, params={"quick": quick, "student_layers": keep, "distill_epochs": epochs,
-                                           "distill_texts": len(train_texts), "batch_size": batch_size},
+                                           "distill_texts": len(train_texts), "batch_size": batch_size,
+                                           "task_runner": p.task_runner},
               tags={"data_version": prepared.info["data_version"], "backbone_id": bid})
     return {"rows": rows, "distill_history": history, "distill_seconds": distill_s, "wall_seconds": wall}

@@ -16,6 +16,10 @@ Prefect retry when the cell raised). Cells must therefore be pure: arguments in,
 picklable result out, no MLflow runs and no files. A study logs its MLflow parent and
 nested runs once, after every cell has returned, so a retried cell can leave neither a
 duplicate nor an orphaned run.
+
+Both runners show a bar of cells done, with the time left, as cells finish (on a terminal only,
+:func:`cmr.progress.progress`); on Dask the bar counts cells in the order they finish, and the
+results still come back in the order of ``cells``.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import os
 from typing import Any, Callable, Iterator, Sequence
 
 from cmr.errors import ConfigError
+from cmr.progress import progress
 from cmr.registry import Registry
 
 TASK_RUNNERS: Registry[Callable[..., list]] = Registry("task runner")
@@ -50,7 +55,7 @@ def run_cells(fn: Callable[..., Any], cells: Sequence[dict], runner: str = "sequ
 
 @TASK_RUNNERS.register("sequential")
 def _sequential(fn, cells, *, address=None, retries=0, name="cell") -> list:
-    return [fn(**cell) for cell in cells]
+    return [fn(**cell) for cell in progress(cells, len(cells), name, unit="cell")]
 
 
 @contextlib.contextmanager
@@ -110,6 +115,7 @@ def _dask(fn, cells, *, address=None, retries=2, name="cell") -> list:
 def _dask_flow(fn, cells, address, retries, name) -> list:
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
+    from prefect.futures import as_completed
     from prefect_dask import DaskTaskRunner
 
     task_runner = DaskTaskRunner(address=address)
@@ -119,6 +125,8 @@ def _dask_flow(fn, cells, address, retries, name) -> list:
     @flow(name=f"cmr-{name}s", task_runner=task_runner)
     def fan_out() -> list:  # cells are not flow parameters: Prefect would send them to its API
         futures = [cell_task.submit(**cell) for cell in cells]
+        for _done in progress(as_completed(futures), len(futures), name, unit="cell"):
+            pass  # the bar advances as cells finish, in whatever order
         return [future.result() for future in futures]
 
     return fan_out()

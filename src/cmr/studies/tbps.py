@@ -10,6 +10,11 @@ keeps one code path; it gives ``views`` fixed augmentations per item, not a fres
 A second group of rows adds TBPS-CLIP's training tricks one at a time to the N-ITC row (see
 :data:`TRICKS`); each trick's own setting is chosen on validation.
 
+Cells: every trained row is one call of :func:`row_cell`, run on ``p.task_runner``
+(:mod:`cmr.studies.fanout`): the ablation rows in one wave (independent of each other), then one
+wave a trick over the values searched for it, since each trick row keeps the tricks chosen
+before it. The augmented features are computed on the driver before the first wave.
+
 Metrics are text->image at identity level (every gallery image of the queried person is a
 positive): R@1/5/10, mAP and mINP on the test identities; the epoch is chosen on validation.
 
@@ -26,6 +31,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +45,8 @@ from cmr.errors import ConfigError
 from cmr.losses import build_loss
 from cmr.stages._common import log, resolve_device
 from cmr.studies import STUDIES, output_dir
-from cmr.studies._common import save_figure, start_model, write_table
+from cmr.studies._common import TwoTowerHeads, save_figure, start_model, write_table
+from cmr.studies.fanout import run_cells
 from cmr.training.engine import head_embeddings, train_heads
 from cmr.training.features import (FeatureSet, cache_key, cached_backbone_features, compute_backbone_features)
 from cmr.training.fit import split_features
@@ -154,6 +161,7 @@ def train_row(base_model: nn.Module, losses: dict, tricks: dict, train_fs: Featu
         fix_temperature(model, tricks["temperature"])
     soft = tricks.get("softlabel_ratio")
     heads = TrickHeads(model, tricks.get("dropout", 0.0), keep_teacher=soft is not None)
+    torch.manual_seed(seed)  # the ID loss's classifier starts alike whatever ran before (and wherever)
     loss_fn = build_loss(losses, {}, model.embed_dim, n_ids)
     if soft is not None:
         loss_fn = SoftLabel(loss_fn, heads, soft, warmup_steps=max(1, train_fs.text.shape[0] // batch_size))
@@ -161,6 +169,18 @@ def train_row(base_model: nn.Module, losses: dict, tricks: dict, train_fs: Featu
                          weight_decay=weight_decay, select_metric="val/rsum", seed=seed, device=device,
                          level="identity", log=lambda m: None)
     return heads, result
+
+
+def row_cell(heads: nn.Module, losses: dict, tricks: dict, train_fs: FeatureSet, val_fs: FeatureSet,
+             test_fs: FeatureSet, n_ids: int, **train: Any) -> dict:
+    """One row: :func:`train_row` (``train``: its keyword settings), then identity-level text->image
+    metrics on ``test_fs``: {"best_epoch", "val_rsum", "test"}. A trick value's cell is scored on
+    test too, though only validation chooses the value and only the chosen one is reported: a cell
+    returns numbers, not the trained heads, so the driver cannot score the chosen one later."""
+    trained, result = train_row(heads, losses, tricks, train_fs, val_fs, n_ids, **train)
+    img, txt = head_embeddings(trained, test_fs, train["device"])
+    test = evaluate_embeddings(img, txt, test_fs.text_item, "identity", None, test_fs.identity)
+    return {"best_epoch": result.best_epoch, "val_rsum": result.best["rsum"], "test": test}
 
 
 @STUDIES.register("tbps")
@@ -177,46 +197,49 @@ def run(p: Params, quick: bool = False) -> dict:
     batch_size = min(p.finetune.batch_size, max(2, fs["train"].text.shape[0] // 2))
     common = dict(epochs=epochs, batch_size=batch_size, lr=p.finetune.lr, weight_decay=p.finetune.weight_decay,
                   seed=p.seed, device=device)
-    aug_fs = None
+    heads = TwoTowerHeads(bundle.model)
     rows, cells = [], []
 
-    def report(group: str, name: str, losses: dict, augment: bool, tricks: dict, heads, result) -> None:
-        img, txt = head_embeddings(heads, fs["test"], device)
-        test = evaluate_embeddings(img, txt, fs["test"].text_item, "identity", None, fs["test"].identity)
+    def cell(losses: dict, tricks: dict, train_fs: FeatureSet) -> dict:
+        return dict(heads=heads, losses=losses, tricks=tricks, train_fs=train_fs, val_fs=fs["val"],
+                    test_fs=fs["test"], n_ids=n_ids, **common)
+
+    def report(group: str, name: str, losses: dict, augment: bool, tricks: dict, done: dict) -> None:
         row = {"group": group, "row": name, "losses": "+".join(losses),
                "augment": f"{views} views" if augment else "none",
                "tricks": ", ".join(f"{k} {v:g}" for k, v in tricks.items()) or "none",
-               "best_epoch": result.best_epoch, "val/rsum": result.best["rsum"],
-               **{k: 100 * test[k] for k in COLUMNS if k.startswith("t2i/")}}
+               "best_epoch": done["best_epoch"], "val/rsum": done["val_rsum"],
+               **{k: 100 * done["test"][k] for k in COLUMNS if k.startswith("t2i/")}}
         rows.append(row)
         cells.append({"name": f"{group}/{name}", "params": {"group": group, "losses": losses, "augment": augment,
                                                           "views": views if augment else 0, **tricks},
                       "metrics": {k: v for k, v in row.items() if isinstance(v, (int, float))}})
         log(f"tbps: {row}")
 
-    for name, losses, augment in (ABLATION[:2] + ABLATION[-1:] if quick else ABLATION):
-        if augment and aug_fs is None:
-            aug_fs = augmented_features(bundle, prepared, bid, fs["train"], views, k=2, p_text=0.1, seed=p.seed,
-                                        device=device, cache_dir=p.paths.cache)
-        heads, result = train_row(bundle.model, losses, {}, aug_fs if augment else fs["train"], fs["val"], n_ids,
-                                  **common)
-        report("losses", name, losses, augment, {}, heads, result)
+    ablation = ABLATION[:2] + ABLATION[-1:] if quick else ABLATION
+    aug_fs = None
+    if any(augment for _n, _l, augment in ablation):
+        aug_fs = augmented_features(bundle, prepared, bid, fs["train"], views, k=2, p_text=0.1, seed=p.seed,
+                                    device=device, cache_dir=p.paths.cache)
+    done = run_cells(row_cell, [cell(losses, {}, aug_fs if augment else fs["train"])
+                                for _n, losses, augment in ablation], p.task_runner, name="tbps-ablation")
+    for (name, losses, augment), result in zip(ablation, done):
+        report("losses", name, losses, augment, {}, result)
 
     # training tricks: one more per row; each trick's value is the one with the best val/rsum
     base_name, base_losses = TRICKS_BASE
     tricks: dict = {}
     for name, setting, values in TRICKS:
-        tried = []
-        for value in values[:1] if quick else values:
-            heads, result = train_row(bundle.model, base_losses, {**tricks, setting: value}, fs["train"], fs["val"],
-                                      n_ids, **common)
-            tried.append((result.best["rsum"], value, heads, result))
+        values = values[:1] if quick else values
+        tried = run_cells(row_cell, [cell(base_losses, {**tricks, setting: value}, fs["train"]) for value in values],
+                          p.task_runner, name=f"tbps-{setting}")
+        for value, result in zip(values, tried):
             cells.append({"name": f"tricks/select/{setting}={value:g}",
                           "params": {"group": "tricks", "phase": "select", **tricks, setting: value},
-                          "metrics": {"val/rsum": result.best["rsum"], "best_epoch": result.best_epoch}})
-        _rsum, value, heads, result = max(tried, key=lambda t: t[0])  # first listed value wins a tie
+                          "metrics": {"val/rsum": result["val_rsum"], "best_epoch": result["best_epoch"]}})
+        value, result = max(zip(values, tried), key=lambda t: t[1]["val_rsum"])  # first listed value wins a tie
         tricks = {**tricks, setting: value}
-        report("tricks", f"{base_name} {name}", base_losses, False, tricks, heads, result)
+        report("tricks", f"{base_name} {name}", base_losses, False, tricks, result)
 
     out = output_dir("tbps", quick)
     n_test = {s: int(fs[s].identity.max()) + 1 for s in fs}
@@ -240,6 +263,6 @@ def run(p: Params, quick: bool = False) -> dict:
     plt.close(fig)
     log_study(uri=p.tracking.uri, experiment=p.tracking.experiment, study="tbps", cells=cells, artifacts=artifacts,
               params={"quick": quick, "epochs": epochs, "views": views, "batch_size": batch_size,
-                      "source": prepared.info["source"]},
+                      "source": prepared.info["source"], "task_runner": p.task_runner},
               tags={"data_version": prepared.info["data_version"], "backbone_id": bid})
     return {"rows": rows, "wall_seconds": time.perf_counter() - t_start}

@@ -32,7 +32,6 @@ from cmr.errors import ConfigError
 from cmr.losses import CombinedLoss, build_loss
 from cmr.models.feature_heads import (FeatureHeads, PosteriorHeads, WithUnpaired, class_logits, feature_heads_for,
                                       features_of, hellinger, knn_label_votes)
-from cmr.progress import progress
 from cmr.retrieval.evaluation import evaluate_embeddings
 from cmr.studies import STUDIES, output_dir
 from cmr.studies._common import save_figure, write_table
