@@ -176,13 +176,20 @@ def cache_key(spec: dict, data_version: str, item_ids: Sequence[str]) -> str:
     return h.hexdigest()[:24]
 
 
+def read_cached(cache_dir: str | Path | None, key: str) -> tuple | None:
+    """The memoised ``(image, text, text_item)`` under ``cache_dir/key.pt``, or None when absent."""
+    path = None if cache_dir is None else Path(cache_dir) / f"{key}.pt"
+    return tuple(torch.load(path, weights_only=True)) if path is not None and path.exists() else None
+
+
 def cached_backbone_features(cache_dir: str | Path | None, key: str, compute: Callable[[], tuple]) -> tuple:
     """Return ``compute()``, memoised on disk under ``cache_dir/key.pt`` when a cache dir is given."""
     if cache_dir is None:
         return compute()
+    hit = read_cached(cache_dir, key)
+    if hit is not None:
+        return hit
     path = Path(cache_dir) / f"{key}.pt"
-    if path.exists():
-        return tuple(torch.load(path, weights_only=True))
     out = compute()
     with atomic_path(path) as tmp:
         torch.save(list(out), tmp)

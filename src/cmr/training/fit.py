@@ -21,7 +21,7 @@ from cmr.training.distributed import Distributed, is_main, local_main_first, wri
 from cmr.training.engine import TrainResult, train_heads, train_towers
 from cmr.training.resume import Resume, fingerprint
 from cmr.training.features import (FeatureSet, cache_key, cached_backbone_features, compute_backbone_features,
-                                   identity_vector, label_matrix, texts_of)
+                                   identity_vector, label_matrix, read_cached, texts_of)
 
 TRAINING_FILE = "training.json"
 
@@ -80,12 +80,11 @@ def model_features(bundle, prepared: Prepared, split: str, model_dir: Path, devi
     info = read_json(Path(model_dir) / TRAINING_FILE)
     frozen = {"image", "text"} - set(info.get("tuned_towers", ("image", "text")))
     base = info.get("base_backbone_id")
-    if info.get("backbone_tuned") and frozen and base and cache_dir is not None:
-        items = by_split(prepared.items, split)
-        path = Path(cache_dir) / f"{cache_key({'backbone': base}, prepared.info['data_version'], [it.id for it in items])}.pt"
-        if path.exists():
-            img, txt, owner = torch.load(path, weights_only=True)
-            return live_features(bundle, prepared, split, device, frozen, FeatureSet(img, txt, owner), workers)
+    if info.get("backbone_tuned") and frozen and base:
+        ids = [it.id for it in by_split(prepared.items, split)]
+        hit = read_cached(cache_dir, cache_key({"backbone": base}, prepared.info["data_version"], ids))
+        if hit is not None:
+            return live_features(bundle, prepared, split, device, frozen, FeatureSet(*hit), workers)
     return split_features(bundle, prepared, split, backbone_id(Path(model_dir), "", ""), device, cache_dir, workers)
 
 
@@ -188,16 +187,17 @@ def fit(prepared: Prepared, out_dir: str, *, arch: str, pretrained: str, embed_d
     # reuses the pretrained cache for the others (model_features)
     init_info = read_json(Path(init_dir) / TRAINING_FILE) if init_dir else {}
     tuned_towers = {"image", "text"} - frozen
+    base = bid  # the pretrained towers' id (None: unknown, no cache reuse)
     if init_info.get("backbone_tuned"):
         tuned_towers |= set(init_info.get("tuned_towers", ("image", "text")))
-    base = init_info.get("base_backbone_id", bid) if init_dir else bid
+        base = init_info.get("base_backbone_id")
 
     def save(tmp: Path) -> None:
         tmp.mkdir()
         save_two_tower(model.cpu(), bundle.spec, tmp / "model")
         write_json(tmp / TRAINING_FILE, {
             "backbone_id": bid, "backbone_tuned": tuned, "tuned_towers": sorted(tuned_towers),
-            "base_backbone_id": None if (base or "tuned:").startswith("tuned:") else base, "best_epoch": result.best_epoch,
+            "base_backbone_id": base, "best_epoch": result.best_epoch,
             "data_version": prepared.info["data_version"], "losses": losses, "seed": seed,
         })
         write_json(tmp / "history.json", result.history)
