@@ -147,11 +147,12 @@ def compute_backbone_features(
         raise ValueError("a precomputed-feature dataset needs both 'image' and 'text' arrays")
     model.eval()
     to_device = lambda x: x.to(device, non_blocking=True)
-    rels = [it.image for it in items]
-    rel_batches = [rels[i : i + batch_size] for i in range(0, len(rels), batch_size)]
-    pixel_batches = image_batches(root, rel_batches, preprocess, workers, pin_memory=str(device).startswith("cuda"))
     img = txt = torch.empty(0)
     if "image" in towers:
+        rels = [it.image for it in items]
+        rel_batches = [rels[i : i + batch_size] for i in range(0, len(rels), batch_size)]
+        pixel_batches = image_batches(root, rel_batches, preprocess, workers,
+                                      pin_memory=str(device).startswith("cuda"))
         img = encode_batched(
             lambda px: model.backbone_image(to_device(px).contiguous(memory_format=torch.channels_last)),
             pixel_batches, len(rel_batches), f"images ({len(rels)})")
