@@ -93,6 +93,31 @@ def test_stronger_lite_towers_know_farm_photos(variant):
             torch.testing.assert_close(logits, reference.eval()(photos), atol=1e-4, rtol=1e-4)
 
 
+def test_concatenated_towers_are_each_trunk_at_its_own_size(tmp_path):
+    """lite0+lite2-minilm: pixels at Lite2's 260 px; the pooled features of Lite0 (on the pixels resized
+    to its 224 px, bicubic, antialiased) and of Lite2, side by side in the arch's order; Lite0 still
+    names the animals from the resized pixels; save/load keeps it; a top-block unfreeze is refused."""
+    bundle = build_two_tower("lite0+lite2-minilm", embed_dim=8)
+    assert bundle.spec.image_size == (260, 260) and bundle.spec.image_dim == 2 * 1280
+    photos = torch.stack([bundle.preprocess_val(Image.open(PHOTOS / name).convert("RGB")) for name in FARM_CLASSES])
+    small = F.interpolate(photos, size=(224, 224), mode="bicubic", align_corners=False, antialias=True)
+    lite0, lite2 = lite_imagenet_classifier("lite0"), lite_imagenet_classifier("lite2")
+    with torch.no_grad():
+        expected = torch.cat([lite0.forward_head(lite0.forward_features(small), pre_logits=True),
+                              lite2.forward_head(lite2.forward_features(photos), pre_logits=True)], 1)
+        backbone = bundle.model.eval().backbone_image(photos)
+        top1 = lite0(small).argmax(1).tolist()
+    torch.testing.assert_close(backbone, expected, atol=1e-4, rtol=1e-4)
+    assert all(t in FARM_CLASSES[name] for name, t in zip(FARM_CLASSES, top1)), top1
+    save_two_tower(bundle.model, bundle.spec, tmp_path / "model")
+    loaded = load_two_tower(tmp_path / "model")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval().backbone_image(photos), backbone, atol=0, rtol=0)
+    loaded.model.lock_image_tower()
+    with pytest.raises(ConfigError, match="unfreeze.image: this arch's image tower has no known block layout"):
+        loaded.model.unfreeze_top("image", 2)
+
+
 def test_channels_last_gives_identical_image_features(lite0, cat_pixels):
     model = lite0.model.eval()
     with torch.no_grad():

@@ -3,6 +3,8 @@
 - ``lite0-minilm`` (also ``lite1-`` / ``lite2-minilm``): EfficientNet-Lite0/1/2 (timm, ImageNet) +
   all-MiniLM-L6-v2 (HF, mean pooling); architectures in ``configs/lite*-minilm.json``, weights
   from installed packages, no network.
+- ``lite0+lite2-minilm`` (and the other :data:`LITE_COMBINATIONS`): those image towers side by
+  side, their pooled features concatenated (:class:`cmr.models.concat_visual.ConcatVisual`).
 - ``openclip:<name>`` for every open_clip model config (``ViT-B-32``, ``RN50`` ...); the bare
   name works too. ``pretrained`` is an open_clip tag (needs network), a checkpoint file, or
   ``none`` (random init).
@@ -48,6 +50,20 @@ ARCHITECTURES: Registry[ArchEntry] = Registry("architecture")
 
 for _lite in EFFICIENTNET_LITE:  # lite0-minilm, lite1-minilm, lite2-minilm (configs/*.json)
     ARCHITECTURES.register(f"{_lite}-minilm")(ArchEntry("lite_minilm", (_lite,)))
+
+# Feature ensembles of the offline image towers (ConcatVisual): lite0+lite2-minilm ...
+LITE_COMBINATIONS = (("lite0", "lite2"), ("lite1", "lite2"), ("lite0", "lite1", "lite2"))
+for _combo in LITE_COMBINATIONS:
+    ARCHITECTURES.register("+".join(_combo) + "-minilm")(ArchEntry("lite_concat_minilm", (_combo,)))
+
+
+def lite_variants(arch: str) -> tuple[str, ...]:
+    """The EfficientNet-Lite variants of an offline ``lite*-minilm`` arch (``('lite0', 'lite2')`` for
+    ``lite0+lite2-minilm``); empty for any other arch."""
+    if not arch.endswith("-minilm"):
+        return ()
+    parts = tuple(arch[: -len("-minilm")].split("+"))
+    return parts if all(v in EFFICIENTNET_LITE for v in parts) else ()
 
 
 def openclip_config_names() -> list[str]:

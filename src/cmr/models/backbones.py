@@ -19,8 +19,9 @@ from transformers import AutoTokenizer
 
 from cmr.errors import ConfigError
 from cmr.models.architectures import ARCHITECTURES, CONFIG_DIR, NO_WEIGHTS, resolve_arch
+from cmr.models.concat_visual import ConcatVisual
 from cmr.models.heads import build_head
-from cmr.models.offline_weights import load_lite_imagenet, minilm_dir
+from cmr.models.offline_weights import EFFICIENTNET_LITE, load_lite_imagenet, minilm_dir
 from cmr.models.two_tower import TowerBundle, TowerSpec, TwoTower
 
 open_clip.add_model_config(CONFIG_DIR)  # so open_clip finds configs/lite*-minilm.json by name
@@ -95,6 +96,30 @@ def lite_minilm(variant: str, pretrained: str) -> Backbones:
         raise ConfigError(f"{folder}: tokenizer pad id {tokenizer.pad_token_id} != model pad id "
                           f"{clip.text.config.pad_token_id}; padded tokens would be pooled")
     return Backbones(clip, tokenizer, normalize_text=True)
+
+
+def lite_concat_minilm(variants: tuple[str, ...], pretrained: str) -> Backbones:
+    """EfficientNet-Lite ``variants`` side by side (:class:`ConcatVisual`, pooled features
+    concatenated in the given order) + all-MiniLM-L6-v2; the image is preprocessed at the
+    largest variant's size and resized for the others."""
+    largest = max(variants, key=lambda v: EFFICIENTNET_LITE[v].image_size)
+    base = lite_minilm(largest, pretrained)
+    towers = [base.clip.visual if v == largest else _lite_visual(v, pretrained) for v in variants]
+    base.clip.visual = ConcatVisual(towers, [EFFICIENTNET_LITE[v].image_size for v in variants],
+                                    base.clip.visual.preprocess_cfg)
+    return base
+
+
+def _lite_visual(variant: str, pretrained: str) -> nn.Module:
+    """The image tower of ``<variant>-minilm`` alone (open_clip's timm wrapper, pooled, no projection)."""
+    from open_clip.timm_model import TimmModel
+
+    cfg = open_clip.get_model_config(f"{variant}-minilm")["vision_cfg"]
+    visual = TimmModel(cfg["timm_model_name"], embed_dim=0, image_size=cfg["image_size"], pool=cfg["timm_pool"],
+                       proj=cfg["timm_proj"], pretrained=False)
+    if pretrained == "offline":
+        load_lite_imagenet(visual.trunk, variant)
+    return visual
 
 
 def openclip_backbones(name: str, pretrained: str) -> Backbones:

