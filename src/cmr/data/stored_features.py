@@ -29,12 +29,12 @@ class StoredArray:
     construction, so a prepared folder replaced meanwhile (atomic rename) is not mixed in.
     """
 
-    def __init__(self, path: str | Path, name: str, offset: int, shape: tuple[int, ...], dtype: np.dtype,
-                 fortran_order: bool):
-        self.path, self.name = Path(path), name
+    def __init__(self, file, name: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, fortran_order: bool):
+        """``file``: the archive opened for binary reading (kept, closed with this object);
+        ``offset``: where the member's data start in it, after its ``.npy`` header."""
+        self._file, self.path, self.name = file, Path(file.name), name
         self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
         self._offset, self._order = offset, "F" if fortran_order else "C"
-        self._file = open(self.path, "rb")
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -65,9 +65,10 @@ def open_npz_member(path: str | Path, name: str) -> StoredArray | np.ndarray:
     """Array ``name`` of the ``.npz`` at ``path``: a :class:`StoredArray` when the member is
     stored uncompressed with a plain dtype and holds data, else (``np.savez_compressed``, an
     empty array) the array read whole. KeyError when the archive has no such member."""
-    with zipfile.ZipFile(path) as archive:
-        info = archive.getinfo(f"{name}.npy")
-    with open(path, "rb") as f:
+    f = open(path, "rb")  # one open file for the header and the data: a rename over path changes neither
+    try:
+        with zipfile.ZipFile(f) as archive:  # a ZipFile given a file object leaves it open
+            info = archive.getinfo(f"{name}.npy")
         f.seek(info.header_offset)
         signature, name_len, extra_len = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
         if signature == b"PK\x03\x04" and info.compress_type == zipfile.ZIP_STORED:
@@ -76,6 +77,12 @@ def open_npz_member(path: str | Path, name: str) -> StoredArray | np.ndarray:
             if read_header is not None:
                 shape, fortran_order, dtype = read_header(f)
                 if not dtype.hasobject and int(np.prod(shape)) > 0:
-                    return StoredArray(path, name, f.tell(), shape, dtype, fortran_order)
-    with np.load(path, allow_pickle=False) as z:
-        return z[name]
+                    return StoredArray(f, name, f.tell(), shape, dtype, fortran_order)
+        f.seek(0)
+        with np.load(f, allow_pickle=False) as z:
+            whole = z[name]
+    except BaseException:
+        f.close()
+        raise
+    f.close()
+    return whole
