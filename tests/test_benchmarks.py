@@ -115,3 +115,15 @@ def test_bench_encode_stream_prints_ratios_and_same_embeddings(capsys):
     assert len(ratios(out, r"ratio sharded / whole: peak (\d+\.\d+)")) == 2
     assert all(d < 1e-5 for d in ratios(out, r"max \|whole - sharded\| (\S+)\n"))
     assert "growth slope 8->16 items" in out
+
+
+@pytest.mark.slow  # four subprocesses that each build the towers (only the heads run): ~1 min on 2 loaded cores
+def test_bench_encode_stream_features_mode_keeps_sharded_growth_bounded(capsys):
+    load("bench_encode_stream").main(["--features", "--sizes", "1000", "20000", "--shard-size", "1000"])
+    out = capsys.readouterr().out
+    assert "SYNTHETIC backbone features" in out
+    assert ratios(out, r"max \|whole - sharded\| (\S+)\n") == [0.0, 0.0]  # same rows, same heads: same floats
+    # 20,000 items hold ~130 MiB of backbone features; one shard of 1,000 holds ~6.5 MiB
+    growth = {mode: ratios(out, rf"N= 20000 .* {mode}: peak +\S+ MiB, growth +(\S+) MiB")[0]
+              for mode in ("whole", "sharded")}
+    assert growth["whole"] > 100 and growth["sharded"] < growth["whole"] / 3

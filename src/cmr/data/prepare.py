@@ -25,6 +25,7 @@ from cmr.data.invalid import ON_INVALID, drop_invalid
 from cmr.data.readers import READERS
 from cmr.data.schema import Item, read_items, write_items
 from cmr.data.splits import MEDIA_FIELDS, assign_splits, file_sha256, split_counts
+from cmr.data.stored_features import open_npz_member
 from cmr.errors import ConfigError, DataError
 from cmr.io import atomic_path, read_json, write_json
 from cmr.progress import progress
@@ -32,7 +33,9 @@ from cmr.progress import progress
 
 @dataclass(frozen=True)
 class Prepared:
-    """Items with their splits; ``features[m]`` has shape (N, D_m), row = ``Item.feature_row``."""
+    """Items with their splits; ``features[m]`` has shape (N, D_m), row = ``Item.feature_row``
+    (an ``np.ndarray``, or from :func:`load_prepared` a :class:`~cmr.data.stored_features.StoredArray`
+    that reads the rows it is indexed with)."""
 
     items: list[Item]
     root: Path
@@ -160,7 +163,11 @@ def save_prepared(p: Prepared, out_dir: str | Path) -> Path:
 
 
 def load_prepared(out_dir: str | Path) -> Prepared:
-    """Read a folder written by :func:`save_prepared` (root resolved against the working directory)."""
+    """Read a folder written by :func:`save_prepared` (root resolved against the working directory).
+
+    ``features[m]`` is a :class:`cmr.data.stored_features.StoredArray` (indexing reads only the
+    rows asked for from ``features.npz``; ``np.asarray`` reads it whole), or an ``np.ndarray``
+    where the member is compressed or empty."""
     out_dir = Path(out_dir)
     meta_path = out_dir / "dataset.json"
     if not meta_path.is_file():
@@ -176,9 +183,10 @@ def load_prepared(out_dir: str | Path) -> Prepared:
             raise DataError(str(npz), "file exists", f"dataset.json lists features {meta['features']}")
         with np.load(npz, allow_pickle=False) as z:
             missing = sorted(set(meta["features"]) - set(z.files))
-            if missing:
-                raise DataError(str(npz), "holds every array dataset.json lists", f"missing {missing}")
-            features = {m: z[m] for m in meta["features"]}
+        if missing:
+            raise DataError(str(npz), "holds every array dataset.json lists", f"missing {missing}")
+        # read from disk per indexing call, so an encode in shards holds one shard's rows
+        features = {m: open_npz_member(npz, m) for m in meta["features"]}
     items = read_items(out_dir / "items.jsonl")
     origins = read_json(out_dir / "origins.json", dict) if (out_dir / "origins.json").is_file() else None
     return Prepared(items, Path(meta["root"]), features, list(meta["label_set"]), meta["info"], origins)

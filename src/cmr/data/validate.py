@@ -9,7 +9,7 @@ in Python; great-expectations holds the rules and reports which rows break them.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -294,6 +294,8 @@ def validate_prepared(p: Prepared, min_chars: int, max_chars: int, media: MediaB
 
     ``row`` is the line number of the item in ``items.jsonl``.
     """
+    if p.features:  # every row is checked: read each array once, not row by row from disk
+        p = replace(p, features={m: np.asarray(a) for m, a in p.features.items()})
     # declared dims (dataset.json) win; an array nobody declared is checked against itself
     feature_dims = {m: int(d) for m, d in (p.info.get("feature_dims") or {}).items()}
     for m, a in (p.features or {}).items():

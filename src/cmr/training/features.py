@@ -140,9 +140,10 @@ def compute_backbone_features(
     texts, text_item = texts_of(items)
     if features is not None and "image" in features:
         rows = [it.feature_row for it in items]
-        img = torch.as_tensor(np.asarray(features["image"])[rows], dtype=torch.float32)
+        # index first: a StoredArray (cmr.data.stored_features) then reads these rows only
+        img = torch.as_tensor(np.asarray(features["image"][rows]), dtype=torch.float32)
         if "text" in features:
-            txt = torch.as_tensor(np.asarray(features["text"])[rows], dtype=torch.float32)
+            txt = torch.as_tensor(np.asarray(features["text"][rows]), dtype=torch.float32)
             return img, txt, torch.arange(len(items))
         raise ValueError("a precomputed-feature dataset needs both 'image' and 'text' arrays")
     model.eval()
