@@ -1,7 +1,7 @@
 """Readers for audio and video sources: video <-> audio, picture <-> spoken word or sound.
 
-Registered in :data:`cmr.data.readers.READERS` like the image-text readers (that module
-imports this one last). Items carry the media of two modalities and often no text.
+Registered in :data:`cmr.data.readers.READERS` like the image-text readers (that package
+imports this module after its own reader modules). Items carry the media of two modalities and often no text.
 Where several items come from one recording or show one picture, the reader names
 the group in ``meta["group"]`` and :func:`cmr.data.splits.assign_splits` keeps each
 group in one split.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmr.data.readers import (
+from cmr.data.readers.base import (
     READERS, ReadResult, _check_unique_ids, _from_items_jsonl, _iter_jsonl, _label_set, _optional, _reader,
     _require, _unique_texts,
 )

@@ -29,8 +29,8 @@ import io
 from pathlib import Path
 from typing import Iterator
 
-from cmr.data.readers import (ReadResult, _check_unique_ids, _iter_jsonl, _label_set, _read_text, _reader,
-                              _unique_texts)
+from cmr.data.readers.base import (ReadResult, _check_unique_ids, _iter_jsonl, _label_set, _read_text, _reader,
+                                   _unique_texts)
 from cmr.data.schema import SPLITS, Item
 from cmr.errors import ConfigError, DataError
 
