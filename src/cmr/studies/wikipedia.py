@@ -14,7 +14,8 @@ images; the 10 LDA proportions next to the votes of their nearest training texts
 The source split is used as published, although 3 image rows of train also occur in
 test (a flaw of the source that the validation stage reports).
 
-The features' folder is ``$CMR_WIKIPEDIA`` or ``../shared/datasets/wikipedia_cmr``.
+The features' folder is ``$CMR_WIKIPEDIA``, else ``$CMR_SHARED_DATASETS/wikipedia_cmr``, else
+``../shared/datasets/wikipedia_cmr``.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ POSTERIOR_T = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 def wikipedia_source() -> Path:
-    source = Path(os.environ.get("CMR_WIKIPEDIA", "../shared/datasets/wikipedia_cmr"))
+    shared = Path(os.environ.get("CMR_SHARED_DATASETS", "../shared/datasets"))
+    source = Path(os.environ.get("CMR_WIKIPEDIA", shared / "wikipedia_cmr"))
     if not (source / "wikipedia_cmr.npz").is_file():
         raise ConfigError(f"wikipedia_cmr.npz not found in {source}; set CMR_WIKIPEDIA to the folder holding it")
     return source
