@@ -17,6 +17,7 @@ from cmr.data.prepare import Prepared
 from cmr.data.schema import by_split
 from cmr.embeddings import SplitEmbeddings
 from cmr.losses import build_loss
+from cmr.progress import progress
 from cmr.retrieval.calibrate import TRANSDUCTIVE_SUFFIX
 from cmr.retrieval.evaluation import both_directions, positives_t2i
 from cmr.stages.calibrate import calibrate_test
@@ -123,22 +124,23 @@ def split_cell(heads: TwoTowerHeads, features: dict[str, FeatureSet], n_classes:
     ``results`` of :func:`evaluate_calibrators`.
     """
     out = []
-    for loss_name in LOSSES:
-        for seed in seeds:
-            model = copy.deepcopy(heads)
-            torch.manual_seed(seed)
-            for head in (model.image_head, model.text_head):
-                for module in head.modules():
-                    if hasattr(module, "reset_parameters"):
-                        module.reset_parameters()
-            loss_fn = build_loss({loss_name: 1.0}, loss_options, model.embed_dim, n_classes)
-            trained = train_heads(model, loss_fn, features["train"], features["val"], epochs=epochs,
-                                  batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                  select_metric=select_metric, seed=seed, device=device, level=level, ks=KS,
-                                  log=lambda _msg: None)
-            emb = {s: _embed(model, fs, device) for s, fs in features.items()}
-            temperature = 1.0 / float(model.logit_scale.detach().exp())
-            out.append({"loss": loss_name, "seed": seed, "best_epoch": trained.best_epoch, "temperature": temperature,
-                        "test_images": int(emb["test"].image.shape[0]),
-                        "results": evaluate_calibrators(emb, temperature, multiples, level, max_bank, seed)})
+    pairs = [(loss_name, seed) for loss_name in LOSSES for seed in seeds]
+    # a split of a many-caption set takes minutes a pair: a bar (terminal only) inside the study's bar of cells
+    for loss_name, seed in progress(pairs, len(pairs), "loss x seed (heads + calibrators)", unit="pair"):
+        model = copy.deepcopy(heads)
+        torch.manual_seed(seed)
+        for head in (model.image_head, model.text_head):
+            for module in head.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        loss_fn = build_loss({loss_name: 1.0}, loss_options, model.embed_dim, n_classes)
+        trained = train_heads(model, loss_fn, features["train"], features["val"], epochs=epochs,
+                              batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                              select_metric=select_metric, seed=seed, device=device, level=level, ks=KS,
+                              log=lambda _msg: None)
+        emb = {s: _embed(model, fs, device) for s, fs in features.items()}
+        temperature = 1.0 / float(model.logit_scale.detach().exp())
+        out.append({"loss": loss_name, "seed": seed, "best_epoch": trained.best_epoch, "temperature": temperature,
+                    "test_images": int(emb["test"].image.shape[0]),
+                    "results": evaluate_calibrators(emb, temperature, multiples, level, max_bank, seed)})
     return out
