@@ -26,12 +26,9 @@ from cmr.data.readers.clipart import (
 from cmr.data.readers.features import read_features_mat, read_features_npz
 from cmr.data.readers.persons import read_cuhk_pedes
 
-# Audio and video readers live in their own module; importing it here registers them, so
-# every caller of READERS (the ingest stage, `cmr list readers`) sees them.
-from cmr.data import av_readers  # noqa: F401
-# Readers in other modules register themselves when imported; importing them here means
-# that whoever reads READERS sees every reader.
-from cmr.data import table_reader  # noqa: F401  (the generic JSONL/CSV reader)
+# The audio/video readers and the generic JSONL/CSV reader live outside this package and
+# register when imported: importing them here lets every caller of READERS see them.
+from cmr.data import av_readers, table_reader  # noqa: E402,F401
 
 __all__ = [
     "READERS", "ReadResult", "COLLECTION_TITLES", "COLLECTION_TITLE_PREFIXES", "FLICKR8K_IMAGE_DIRS",
